@@ -1,0 +1,59 @@
+//! Errors of the cache layer. `Clone` because one in-flight fetch answers many requests.
+
+use crate::metadata::MetadataError;
+use crate::storage::StorageError;
+use crate::upstream::UpstreamError;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("blob {digest} is unknown to this repository")]
+    BlobUnknown { digest: String },
+    #[error("manifest {reference} is unknown to this repository")]
+    ManifestUnknown { reference: String },
+    #[error("repository {repo} is unknown")]
+    NameUnknown { repo: String },
+    #[error("content does not match its digest: expected {expected}, got {actual}; nothing was stored")]
+    DigestMismatch { expected: String, actual: String },
+    #[error("upstream sent {received} bytes of {expected}; nothing was stored")]
+    Truncated { expected: u64, received: u64 },
+    #[error("upstream manifest is invalid: {0}")]
+    ManifestInvalid(String),
+    #[error("range not satisfiable for a blob of {size} bytes")]
+    RangeNotSatisfiable { size: u64 },
+    #[error("metadata: {0}")]
+    Metadata(Arc<MetadataError>),
+    #[error("storage: {0}")]
+    Storage(Arc<StorageError>),
+    #[error("local I/O: {0}")]
+    Io(Arc<std::io::Error>),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+impl CacheError {
+    /// Whether a stale copy may be served instead (the upstream could not answer).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Upstream(e) if e.is_unavailable())
+    }
+}
+
+impl From<MetadataError> for CacheError {
+    fn from(e: MetadataError) -> Self {
+        Self::Metadata(Arc::new(e))
+    }
+}
+
+impl From<StorageError> for CacheError {
+    fn from(e: StorageError) -> Self {
+        Self::Storage(Arc::new(e))
+    }
+}
+
+impl From<std::io::Error> for CacheError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(Arc::new(e))
+    }
+}

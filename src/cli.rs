@@ -1,0 +1,91 @@
+//! Command-line entry points. The only place (with `main`) where `anyhow` is used.
+
+use crate::config::{self, Config};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "regcache",
+    version,
+    about = "A pull-through cache for OCI / Docker registries"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the cache.
+    Serve {
+        /// TOML config file; without it the embedded defaults mirror Docker Hub.
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Print the effective configuration (secrets redacted), or what is wrong with it.
+    CheckConfig {
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    config::load(path, std::env::vars()).context("invalid configuration")
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::CheckConfig { config } => {
+            let c = load(config.as_deref())?;
+            print!(
+                "{}",
+                toml::to_string_pretty(&c).context("printing the configuration")?
+            );
+            Ok(())
+        }
+        Command::Serve { config } => {
+            let c = load(config.as_deref())?;
+            init_logging(&c.log)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(serve(c))
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let server = crate::server::start(config).await?;
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    server.stop().await?;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for ctrl-c")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => EnvFilter::try_new(&v).context("RUST_LOG")?,
+        _ => EnvFilter::try_new(&log.level)
+            .with_context(|| format!("config key `log.level`: {:?}", log.level))?,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    Ok(())
+}

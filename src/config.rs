@@ -1,0 +1,245 @@
+//! Configuration: a TOML file plus `REGCACHE_` environment overrides, loaded with figment
+//! and validated before anything starts. Every error names the key it is about.
+//! This module reads files named by the config (secrets) but starts nothing.
+
+mod duration;
+mod load;
+mod secret;
+mod size;
+
+pub use duration::Duration;
+pub use load::{load, ConfigError};
+pub use secret::Secret;
+pub use size::ByteSize;
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The whole effective configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    /// Upstream registries. Empty means "Docker Hub only", filled in by [`load`].
+    #[serde(default)]
+    pub upstream: Vec<UpstreamConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the registry API listens on. Default `127.0.0.1:5000`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Where the SQLite database, temporary files and (for the filesystem backend) blobs
+    /// live. Default `./regcache-data`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// How long shutdown waits for in-flight requests and transfers. Default `30s`.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            data_dir: default_data_dir(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Filesystem,
+    S3,
+    Gcs,
+    Memory,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default)]
+    pub backend: Backend,
+    #[serde(default)]
+    pub delete: DeleteConfig,
+    /// Filesystem backend only: fsync blobs before they are committed. Default false.
+    #[serde(default)]
+    pub fsync: bool,
+    pub s3: Option<S3Config>,
+    pub gcs: Option<GcsConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteConfig {
+    /// Whether blobs may be removed from storage. Default true.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+impl Default for DeleteConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Custom endpoint (MinIO, moto, Ceph...). Default: AWS.
+    pub endpoint: Option<String>,
+    /// Allow plain-HTTP endpoints. Default false.
+    #[serde(default)]
+    pub allow_http: bool,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Key prefix inside the bucket. Default none.
+    #[serde(default)]
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcsConfig {
+    pub bucket: String,
+    /// Path to a service account JSON key file.
+    pub service_account_path: Option<PathBuf>,
+    /// Service account JSON key given inline.
+    pub service_account_key: Option<Secret>,
+    /// Override of the API base URL (for emulators).
+    pub base_url: Option<String>,
+    /// Allow plain-HTTP base URLs. Default false.
+    #[serde(default)]
+    pub allow_http: bool,
+    #[serde(default)]
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// How long unused content stays cached; `"0"` keeps it forever. Default `7d`.
+    #[serde(default = "default_ttl")]
+    pub ttl: Duration,
+    /// Never contact an upstream; serve only what is cached. Default false.
+    #[serde(default)]
+    pub offline: bool,
+    /// How long a tag's manifest is trusted before it is revalidated with an upstream
+    /// HEAD. `"0"` (the default) revalidates on every request.
+    #[serde(default)]
+    pub revalidate_after: Duration,
+    /// Upstream TCP/TLS connect timeout. Default `10s`.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Duration,
+    /// Longest silence tolerated while reading an upstream response. Default `30s`.
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout: Duration,
+    /// Timeout for a tag revalidation HEAD; when it passes the cached manifest is
+    /// served. Default `5s`.
+    #[serde(default = "default_revalidate_timeout")]
+    pub revalidate_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            ttl: default_ttl(),
+            offline: false,
+            revalidate_after: Duration::ZERO,
+            connect_timeout: default_connect_timeout(),
+            read_timeout: default_read_timeout(),
+            revalidate_timeout: default_revalidate_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Short name: used in path prefixes (`/v2/<name>/<repo>`) and matched against
+    /// containerd's `ns` parameter.
+    pub name: String,
+    /// Base URL, e.g. `https://registry-1.docker.io`.
+    pub url: String,
+    /// Serves requests that name no upstream. At most one upstream may set it.
+    #[serde(default)]
+    pub default: bool,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    /// Per-upstream override of `proxy.ttl`.
+    pub ttl: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter directive. Default `info`; `RUST_LOG` wins when set.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// `text` or `json`. Default `text`.
+    #[serde(default = "default_log_format")]
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+            format: default_log_format(),
+        }
+    }
+}
+
+/// Docker Hub, the upstream used when none is configured.
+pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
+
+fn default_listen() -> String {
+    "127.0.0.1:5000".into()
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./regcache-data")
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_ttl() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_revalidate_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+fn yes() -> bool {
+    true
+}

@@ -1,0 +1,423 @@
+//! Loading and validating the configuration.
+
+use super::{Backend, Config, Secret, UpstreamConfig, DOCKER_HUB_URL};
+use figment::providers::{Format, Toml};
+use figment::Figment;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// A configuration that cannot be used. `key` is the dotted config key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Loads the embedded defaults, then `file` (if any), then `REGCACHE_*` variables from
+/// `env` (pass `std::env::vars()`; tests pass their own), and validates the result.
+pub fn load(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let mut figment = Figment::new();
+    if let Some(path) = file {
+        if !path.is_file() {
+            return Err(ConfigError::File {
+                path: path.display().to_string(),
+                message: "no such file".into(),
+            });
+        }
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    // figment reads the process environment; pass our own map through a scoped provider
+    // so tests stay independent of the process and of each other.
+    let vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("REGCACHE_"))
+        .collect();
+    let env_toml = env_to_toml(&vars)?;
+    figment = figment.merge(Toml::string(&env_toml));
+    let mut config: Config = figment.extract().map_err(from_figment)?;
+    validate(&mut config)?;
+    Ok(config)
+}
+
+/// Turns `REGCACHE_A__B=v` variables into a TOML document `[a] b = v`, parsing each value
+/// as TOML when it parses and as a string otherwise (figment's own rule).
+fn env_to_toml(vars: &[(String, String)]) -> Result<String, ConfigError> {
+    let mut root = toml::Table::new();
+    for (name, raw) in vars {
+        let Some(rest) = name.strip_prefix("REGCACHE_") else {
+            continue;
+        };
+        let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+        if path.iter().any(String::is_empty) {
+            return Err(invalid(
+                name.clone(),
+                "empty key segment in environment variable name",
+            ));
+        }
+        let value = parse_env_value(raw);
+        let mut table = &mut root;
+        for (i, segment) in path.iter().enumerate() {
+            if i + 1 == path.len() {
+                table.insert(segment.clone(), value.clone());
+                break;
+            }
+            let entry = table
+                .entry(segment.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = entry
+                .as_table_mut()
+                .ok_or_else(|| invalid(path[..=i].join("."), format!("{name} sets a key below a value")))?;
+        }
+    }
+    Ok(toml::to_string(&root).unwrap_or_default())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn from_figment(err: figment::Error) -> ConfigError {
+    let mut messages = Vec::new();
+    let mut key = String::new();
+    for e in err {
+        let path = e.path.join(".");
+        if key.is_empty() {
+            key = if path.is_empty() {
+                "(top level)".into()
+            } else {
+                path.clone()
+            };
+        }
+        let source = e
+            .metadata
+            .as_ref()
+            .and_then(|m| m.source.as_ref())
+            .map(|s| format!(" (in {s})"))
+            .unwrap_or_default();
+        messages.push(format!("{}{source}", e.kind));
+    }
+    invalid(key, messages.join("; "))
+}
+
+fn validate(config: &mut Config) -> Result<(), ConfigError> {
+    config.server.listen.parse::<SocketAddr>().map_err(|e| {
+        invalid(
+            "server.listen",
+            format!("{:?} is not host:port ({e})", config.server.listen),
+        )
+    })?;
+    if config.server.data_dir.as_os_str().is_empty() {
+        return Err(invalid("server.data_dir", "must not be empty"));
+    }
+    for (key, d) in [
+        ("proxy.connect_timeout", config.proxy.connect_timeout),
+        ("proxy.read_timeout", config.proxy.read_timeout),
+        ("proxy.revalidate_timeout", config.proxy.revalidate_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(invalid(key, "must be greater than 0"));
+        }
+    }
+    if !matches!(config.log.format.as_str(), "text" | "json") {
+        return Err(invalid(
+            "log.format",
+            format!("{:?} is not \"text\" or \"json\"", config.log.format),
+        ));
+    }
+    validate_storage(config)?;
+    validate_upstreams(&mut config.upstream)
+}
+
+fn validate_storage(config: &mut Config) -> Result<(), ConfigError> {
+    match config.storage.backend {
+        Backend::S3 => {
+            let s3 = config.storage.s3.as_mut().ok_or_else(|| {
+                invalid(
+                    "storage.s3",
+                    "backend \"s3\" needs a [storage.s3] table with a bucket",
+                )
+            })?;
+            if s3.bucket.is_empty() {
+                return Err(invalid("storage.s3.bucket", "must not be empty"));
+            }
+            if let Some(endpoint) = &s3.endpoint {
+                check_url("storage.s3.endpoint", endpoint)?;
+            }
+            if s3.secret_access_key.is_some() && s3.secret_access_key_file.is_some() {
+                return Err(invalid(
+                    "storage.s3.secret_access_key_file",
+                    "set either secret_access_key or secret_access_key_file, not both",
+                ));
+            }
+            if let Some(path) = &s3.secret_access_key_file {
+                s3.secret_access_key = Some(read_secret("storage.s3.secret_access_key_file", path)?);
+            }
+            check_prefix("storage.s3.prefix", &s3.prefix)?;
+        }
+        Backend::Gcs => {
+            let gcs = config.storage.gcs.as_ref().ok_or_else(|| {
+                invalid(
+                    "storage.gcs",
+                    "backend \"gcs\" needs a [storage.gcs] table with a bucket",
+                )
+            })?;
+            if gcs.bucket.is_empty() {
+                return Err(invalid("storage.gcs.bucket", "must not be empty"));
+            }
+            if let Some(url) = &gcs.base_url {
+                check_url("storage.gcs.base_url", url)?;
+            }
+            if gcs.service_account_path.is_some() && gcs.service_account_key.is_some() {
+                return Err(invalid(
+                    "storage.gcs.service_account_key",
+                    "set either service_account_path or service_account_key, not both",
+                ));
+            }
+            check_prefix("storage.gcs.prefix", &gcs.prefix)?;
+        }
+        Backend::Filesystem | Backend::Memory => {}
+    }
+    Ok(())
+}
+
+fn check_prefix(key: &str, prefix: &str) -> Result<(), ConfigError> {
+    if prefix.starts_with('/') || prefix.contains("//") || prefix.split('/').any(|s| s == "." || s == "..") {
+        return Err(invalid(
+            key,
+            format!("{prefix:?} must be a relative path without '.', '..' or empty segments"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_upstreams(upstreams: &mut Vec<UpstreamConfig>) -> Result<(), ConfigError> {
+    if upstreams.is_empty() {
+        upstreams.push(UpstreamConfig {
+            name: "docker.io".into(),
+            url: DOCKER_HUB_URL.into(),
+            default: true,
+            username: None,
+            password: None,
+            password_file: None,
+            ttl: None,
+        });
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, u) in upstreams.iter_mut().enumerate() {
+        let key = |field: &str| format!("upstream[{i}].{field}");
+        if !crate::oci::RepoName::is_component(&u.name) {
+            return Err(invalid(key("name"), format!("{:?} must be lowercase letters, digits and '.', '_' or '-' separators (it is used as a path prefix)", u.name)));
+        }
+        if !names.insert(u.name.clone()) {
+            return Err(invalid(
+                key("name"),
+                format!("{:?} is used by two upstreams", u.name),
+            ));
+        }
+        check_url(&key("url"), &u.url)?;
+        u.url = u.url.trim_end_matches('/').to_owned();
+        if u.password.is_some() && u.password_file.is_some() {
+            return Err(invalid(
+                key("password_file"),
+                "set either password or password_file, not both",
+            ));
+        }
+        if let Some(path) = &u.password_file {
+            u.password = Some(read_secret(&key("password_file"), path)?);
+        }
+        if u.password.is_some() && u.username.is_none() {
+            return Err(invalid(key("username"), "a password needs a username"));
+        }
+    }
+    match upstreams.iter().filter(|u| u.default).count() {
+        0 if upstreams.len() == 1 => upstreams[0].default = true,
+        0 | 1 => {}
+        _ => {
+            let i = upstreams.iter().rposition(|u| u.default).unwrap_or_default();
+            return Err(invalid(
+                format!("upstream[{i}].default"),
+                "only one upstream may be the default",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_url(key: &str, raw: &str) -> Result<(), ConfigError> {
+    let url = url::Url::parse(raw).map_err(|e| invalid(key, format!("{raw:?} is not a URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(invalid(
+            key,
+            format!("{raw:?} must be an http:// or https:// URL with a host"),
+        ));
+    }
+    Ok(())
+}
+
+fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    Ok(Secret::new(text.trim_end_matches(['\r', '\n'])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn toml_file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn err_key(e: ConfigError) -> String {
+        match e {
+            ConfigError::Invalid { key, .. } => key,
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn defaults_mirror_docker_hub() {
+        let c = load(None, env(&[])).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:5000");
+        assert_eq!(c.server.data_dir, Path::new("./regcache-data"));
+        assert_eq!(c.upstream.len(), 1);
+        assert_eq!(c.upstream[0].url, DOCKER_HUB_URL);
+        assert!(c.upstream[0].default);
+        assert_eq!(c.proxy.ttl.as_secs(), 7 * 86_400);
+        assert!(c.storage.delete.enabled);
+    }
+
+    #[test]
+    fn the_issue_example_loads_as_written() {
+        let f = toml_file(
+            r#"
+            [server]
+            listen = "0.0.0.0:5000"
+            data_dir = "/var/lib/regcache"
+            [storage]
+            backend = "filesystem"          # filesystem | s3 | gcs | memory
+            [storage.delete]
+            enabled = true
+            [proxy]
+            ttl = "7d"                      # "0" = never expire
+            [[upstream]]
+            name = "internal"
+            url = "http://registry.internal:5000"
+            default = true
+            "#,
+        );
+        let c = load(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(c.upstream[0].name, "internal");
+        assert_eq!(c.server.data_dir, Path::new("/var/lib/regcache"));
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let c = load(
+            None,
+            env(&[
+                ("REGCACHE_STORAGE__DELETE__ENABLED", "false"),
+                ("REGCACHE_PROXY__TTL", "15s"),
+                ("REGCACHE_SERVER__LISTEN", "127.0.0.1:6000"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert!(!c.storage.delete.enabled);
+        assert_eq!(c.proxy.ttl.as_secs(), 15);
+        assert_eq!(c.server.listen, "127.0.0.1:6000");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = load(None, env(&[("REGCACHE_PROXY__TTL", "soon")])).unwrap_err();
+        assert_eq!(err_key(e), "proxy.ttl");
+        let e = load(None, env(&[("REGCACHE_PROXY__TTLL", "1d")])).unwrap_err();
+        assert!(e.to_string().contains("ttll"), "{e}");
+        let e = load(None, env(&[("REGCACHE_SERVER__LISTEN", "nowhere")])).unwrap_err();
+        assert_eq!(err_key(e), "server.listen");
+        let e = load(None, env(&[("REGCACHE_STORAGE__BACKEND", "s3")])).unwrap_err();
+        assert_eq!(err_key(e), "storage.s3");
+        let f = toml_file("[[upstream]]\nname = \"Bad Name\"\nurl = \"http://x\"\n");
+        assert_eq!(
+            err_key(load(Some(f.path()), env(&[])).unwrap_err()),
+            "upstream[0].name"
+        );
+        let f = toml_file("[[upstream]]\nname = \"a\"\nurl = \"ftp://x\"\n");
+        assert_eq!(
+            err_key(load(Some(f.path()), env(&[])).unwrap_err()),
+            "upstream[0].url"
+        );
+        let f = toml_file(
+            "[[upstream]]\nname = \"a\"\nurl = \"http://a\"\ndefault = true\n[[upstream]]\nname = \"b\"\nurl = \"http://b\"\ndefault = true\n",
+        );
+        assert_eq!(
+            err_key(load(Some(f.path()), env(&[])).unwrap_err()),
+            "upstream[1].default"
+        );
+    }
+
+    #[test]
+    fn password_file_is_read_and_redacted() {
+        let secret = toml_file("s3cr3t\n");
+        let f = toml_file(&format!(
+            "[[upstream]]\nname = \"a\"\nurl = \"http://a\"\nusername = \"u\"\npassword_file = {:?}\n",
+            secret.path()
+        ));
+        let c = load(Some(f.path()), env(&[])).unwrap();
+        let password = c.upstream[0].password.as_ref().unwrap();
+        assert_eq!(password.expose(), "s3cr3t");
+        assert!(!toml::to_string(&c).unwrap().contains("s3cr3t"));
+    }
+
+    #[test]
+    fn numeric_secret_from_env_stays_text() {
+        let c = load(
+            None,
+            env(&[(
+                "REGCACHE_UPSTREAM",
+                r#"[{name="a",url="http://a",username="u",password="x"}]"#,
+            )]),
+        )
+        .unwrap();
+        assert_eq!(c.upstream[0].name, "a");
+        let f =
+            toml_file("[[upstream]]\nname = \"a\"\nurl = \"http://a\"\nusername = \"u\"\npassword = 12345\n");
+        let c = load(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(c.upstream[0].password.as_ref().unwrap().expose(), "12345");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let e = load(Some(Path::new("/nonexistent/regcache.toml")), env(&[])).unwrap_err();
+        assert!(matches!(e, ConfigError::File { .. }));
+    }
+}

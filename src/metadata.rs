@@ -1,0 +1,40 @@
+//! Metadata in SQLite: the only place SQL is written. One writer connection behind a
+//! mutex, a few reader connections, WAL, foreign keys on; every call runs on the blocking
+//! pool so the async runtime never waits on SQLite. Never touches blob bytes or the network.
+
+mod blobs;
+mod manifests;
+mod migrations;
+mod pool;
+mod repos;
+mod tags;
+
+pub use blobs::BlobAccess;
+pub use manifests::{ManifestRecord, NewManifest};
+pub use pool::Metadata;
+pub use repos::{RepoKey, Use};
+pub use tags::{ReferrersRecord, TagRecord};
+
+/// Errors of the metadata layer.
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database schema version {found} is newer than this build knows ({known}); refusing to start")]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("metadata task failed: {0}")]
+    Task(String),
+}
+
+/// Current Unix time in seconds.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,12 @@
+//! Talking to upstream registries: which upstream serves a request (routing), the bearer
+//! token dance, and the pull-side requests the cache needs. Knows nothing of storage or
+//! SQLite; returns bodies and streams for the cache to verify.
+
+mod auth;
+mod client;
+mod error;
+mod routing;
+
+pub use client::{FetchedManifest, FetchedReferrers, ManifestHead, Upstream};
+pub use error::UpstreamError;
+pub use routing::{RouteError, Routed, Upstreams};
