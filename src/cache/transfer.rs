@@ -251,10 +251,12 @@ pub(super) fn follow(rx: watch::Receiver<State>, start: u64, end: Option<u64>) -
                 (None, Some(s)) => s,
                 (None, None) => u64::MAX,
             };
+            // Until the content is verified, the last byte written is withheld, so no
+            // client ever completes a transfer that verification later fails.
             let limit = if done_size.is_some() {
                 stop
             } else {
-                available.min(stop.saturating_sub(1))
+                available.min(stop).saturating_sub(1)
             };
             if let (Some(file), true) = (file, pos < limit) {
                 let len = (limit - pos).min(READ_CHUNK_BYTES);

@@ -8,6 +8,7 @@
 // from the binary that includes the module.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod app;
 pub mod external;
 pub mod fixture_upstream;
 pub mod images;

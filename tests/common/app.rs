@@ -1,0 +1,203 @@
+//! `TestApp`: regcache started in-process on 127.0.0.1:0 with its own temporary data
+//! directory, plus one helper per boundary (HTTP requests to it, its SQLite, its store).
+
+use regcache::config::{self, Config, Duration as CfgDuration, UpstreamConfig};
+use regcache::server::RunningServer;
+use reqwest::header::ACCEPT;
+use std::path::{Path, PathBuf};
+
+use super::images::ACCEPT_ALL_MANIFESTS;
+
+pub struct TestApp {
+    server: Option<RunningServer>,
+    pub config: Config,
+    pub base: String,
+    pub client: reqwest::Client,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// A config with one upstream (the default) and data in `data_dir`.
+pub fn config_for(upstreams: &[(&str, &str)], data_dir: &Path) -> Config {
+    let mut c = config::load(None, Vec::new()).expect("embedded defaults load");
+    c.server.listen = "127.0.0.1:0".into();
+    c.server.data_dir = data_dir.to_owned();
+    c.server.shutdown_grace = CfgDuration::from_secs(5);
+    c.proxy.revalidate_timeout = CfgDuration::from_secs(2);
+    c.proxy.read_timeout = CfgDuration::from_secs(5);
+    c.upstream = upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, (name, url))| UpstreamConfig {
+            name: (*name).into(),
+            url: (*url).into(),
+            default: i == 0,
+            username: None,
+            password: None,
+            password_file: None,
+            ttl: None,
+        })
+        .collect();
+    c
+}
+
+impl TestApp {
+    /// Starts regcache in front of `upstream_url` (named "fixture", the default).
+    pub async fn start(upstream_url: &str) -> TestApp {
+        Self::start_with(&[("fixture", upstream_url)], |_| {}).await
+    }
+
+    pub async fn start_with(upstreams: &[(&str, &str)], tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = config_for(upstreams, dir.path());
+        tweak(&mut config);
+        Self::start_config(config, Some(dir)).await
+    }
+
+    pub async fn start_config(config: Config, dir: Option<tempfile::TempDir>) -> TestApp {
+        init_logging();
+        let server = regcache::server::start(config.clone())
+            .await
+            .expect("regcache starts");
+        let base = format!("http://{}", server.addr());
+        TestApp {
+            server: Some(server),
+            config,
+            base,
+            client: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.config.server.data_dir.clone()
+    }
+
+    /// Stops the server gracefully and starts it again on the same data dir (a new port).
+    pub async fn restart_with(&mut self, tweak: impl FnOnce(&mut Config)) {
+        self.stop().await;
+        tweak(&mut self.config);
+        let server = regcache::server::start(self.config.clone())
+            .await
+            .expect("regcache restarts");
+        self.base = format!("http://{}", server.addr());
+        self.server = Some(server);
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.stop().await.expect("clean shutdown");
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request to regcache")
+    }
+
+    pub async fn head(&self, path: &str) -> reqwest::Response {
+        self.client
+            .head(self.url(path))
+            .send()
+            .await
+            .expect("request to regcache")
+    }
+
+    /// GET with an Accept header naming every manifest type, as real clients send.
+    pub async fn get_manifest(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .header(ACCEPT, ACCEPT_ALL_MANIFESTS)
+            .send()
+            .await
+            .expect("request to regcache")
+    }
+
+    pub async fn get_range(&self, path: &str, range: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .header(reqwest::header::RANGE, range)
+            .send()
+            .await
+            .expect("request to regcache")
+    }
+
+    /// Opens the metadata database read-only, for checks on what was recorded.
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open_with_flags(
+            self.data_dir().join("regcache.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open regcache.db")
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        self.db().query_row(sql, [], |r| r.get(0)).expect(sql)
+    }
+
+    /// Files under the filesystem store's blob directory.
+    pub fn stored_blob_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let root = self.data_dir().join("blobs");
+        let mut stack = vec![root];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    /// Files left in the temporary download directory.
+    pub fn tmp_files(&self) -> usize {
+        std::fs::read_dir(self.data_dir().join("tmp")).map_or(0, |d| d.count())
+    }
+}
+
+/// The body of a successful response, or a panic naming the status and error body.
+pub async fn ok_bytes(resp: reqwest::Response) -> bytes::Bytes {
+    let status = resp.status();
+    let url = resp.url().clone();
+    let body = resp.bytes().await.expect("response body");
+    assert!(
+        status.is_success(),
+        "{url}: {status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    body
+}
+
+/// The OCI error code of an error response.
+pub async fn error_code(resp: reqwest::Response) -> (u16, String) {
+    let status = resp.status().as_u16();
+    let v: serde_json::Value = resp.json().await.expect("error body is JSON");
+    let code = v["errors"][0]["code"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        v["errors"][0]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "error has a message: {v}"
+    );
+    (status, code)
+}
+
+/// Logs from regcache go to the test's captured output; `RUST_LOG` picks the level.
+pub fn init_logging() {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
