@@ -792,6 +792,36 @@ async fn skopeo_seeds_docker_registry_from_oci_layouts() {
 }
 
 #[tokio::test]
+async fn skopeo_pulls_from_the_fixture_through_its_token_flow() {
+    // A real client against the fake upstream: checks the fixture speaks the protocol
+    // (challenge, token, manifests, blobs) and survives skopeo's TLS-first probe.
+    let fx = FixtureUpstream::start(FixtureOptions::default().basic_auth("bob", "pw")).await;
+    let index = Index::new("skopeo-pull", &["amd64", "arm64"]);
+    fx.add_index("team/multi", Some("v1"), &index);
+    let out = tempfile::tempdir().expect("temp dir");
+    let src = format!("docker://{}/team/multi:v1", fx.host_port());
+    let dst = format!("dir:{}", out.path().display());
+    skopeo_copy(&src, &dst, &["--all", "--src-creds", "bob:pw"])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let top = std::fs::read(out.path().join("manifest.json")).expect("manifest.json");
+    assert_eq!(sha256_digest(&top), index.manifest.digest);
+    for blob in index.blobs() {
+        let name = if blob.media_type == OCI_MANIFEST {
+            format!("{}.manifest.json", blob.hex())
+        } else {
+            blob.hex().to_owned()
+        };
+        let bytes = std::fs::read(out.path().join(&name)).expect("copied file");
+        assert_eq!(sha256_digest(&bytes), blob.digest, "{name}");
+    }
+    assert!(fx.tokens_issued() >= 1);
+    for blob in index.blobs().filter(|b| b.media_type != OCI_MANIFEST) {
+        assert_eq!(fx.blob_gets(&blob.digest), 1, "{}", blob.digest);
+    }
+}
+
+#[tokio::test]
 async fn docker_registry_proxy_mode_pulls_through() {
     let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
     let image = Image::new("proxied", &[2000], CREATED);
