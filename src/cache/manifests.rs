@@ -43,7 +43,10 @@ impl Cache {
                     reference: tag.to_string(),
                 });
             }
-            return self.fetch_manifest(t, Reference::Tag(tag.clone())).await;
+            // A fetch is as fresh as a revalidation.
+            let m = self.fetch_manifest(t, Reference::Tag(tag.clone())).await?;
+            self.mark_checked((t.key.clone(), tag.to_string()));
+            return Ok(m);
         };
         let cached = cached.manifest;
         let check_key = (t.key.clone(), tag.to_string());
