@@ -1,6 +1,9 @@
 //! regcache: a pull-through cache for OCI / Docker registries. See ARCHITECTURE.md for
 //! where things live and which invariant each part upholds.
 
+// Input, I/O and the network must never be able to panic the server; tests may unwrap.
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod cache;
 pub mod cli;
 pub mod config;

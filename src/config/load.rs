@@ -416,6 +416,25 @@ mod tests {
     }
 
     #[test]
+    fn example_config_documents_the_defaults_and_every_key() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"));
+        let example = load(Some(path), env(&[])).unwrap();
+        let defaults = load(None, env(&[])).unwrap();
+        assert_eq!(toml::to_string(&example).unwrap(), toml::to_string(&defaults).unwrap());
+        let text = std::fs::read_to_string(path).unwrap();
+        let keys = [
+            "listen", "data_dir", "shutdown_grace", "backend", "fsync", "enabled", "bucket", "region",
+            "endpoint", "allow_http", "access_key_id", "secret_access_key", "secret_access_key_file",
+            "prefix", "service_account_path", "service_account_key", "base_url", "ttl", "offline",
+            "revalidate_after", "revalidate_timeout", "connect_timeout", "read_timeout", "name", "url",
+            "default", "username", "password", "password_file", "level", "format",
+        ];
+        for key in keys {
+            assert!(text.contains(&format!("{key} = ")), "config.example.toml documents `{key}`");
+        }
+    }
+
+    #[test]
     fn missing_file_is_an_error() {
         let e = load(Some(Path::new("/nonexistent/regcache.toml")), env(&[])).unwrap_err();
         assert!(matches!(e, ConfigError::File { .. }));
