@@ -32,7 +32,9 @@ enum Command {
 }
 
 fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
-    config::load(path, std::env::vars()).context("invalid configuration")
+    // `REGCACHE_CONFIG` names the file (clap reads it above); it is not a config key.
+    let env = std::env::vars().filter(|(k, _)| k != "REGCACHE_CONFIG");
+    config::load(path, env).context("invalid configuration")
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
