@@ -9,6 +9,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod app;
+pub mod containerd;
 pub mod external;
 pub mod fixture_upstream;
 pub mod images;
