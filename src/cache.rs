@@ -16,6 +16,7 @@ pub use error::CacheError;
 use crate::config::{Config, Duration};
 use crate::metadata::{Metadata, RepoKey};
 use crate::oci::{Digest, RepoName};
+use crate::scheduler::ActiveBlobs;
 use crate::storage::BlobStore;
 use crate::upstream::{RouteError, Upstream, Upstreams};
 use single_flight::SingleFlight;
@@ -57,6 +58,19 @@ impl CacheSettings {
 
 type TransferKey = (RepoKey, Digest);
 
+/// What a cache is built from (see `server::start`).
+#[derive(Debug)]
+pub struct CacheParts {
+    pub meta: Metadata,
+    pub store: BlobStore,
+    pub upstreams: Upstreams,
+    pub tmp_dir: PathBuf,
+    pub settings: CacheSettings,
+    pub active: Arc<ActiveBlobs>,
+    pub tasks: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
 #[derive(Debug)]
 pub struct Cache {
     meta: Metadata,
@@ -74,6 +88,8 @@ pub struct Cache {
     /// is revalidated once, which is the safe direction).
     checked: Mutex<HashMap<(RepoKey, String), Instant>>,
     uses: UseBuffer,
+    /// Blobs being served right now: eviction never picks them.
+    active: Arc<ActiveBlobs>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -85,17 +101,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Cache {
-    /// `tmp_dir` holds downloads in progress; it is emptied here because no transfer
-    /// survives a restart (I2: crash leftovers are swept, never adopted).
-    pub fn new(
-        meta: Metadata,
-        store: BlobStore,
-        upstreams: Upstreams,
-        tmp_dir: PathBuf,
-        settings: CacheSettings,
-        tasks: TaskTracker,
-        shutdown: CancellationToken,
-    ) -> std::io::Result<Arc<Self>> {
+    /// `parts.tmp_dir` holds downloads in progress; it is emptied here because no
+    /// transfer survives a restart (I2: crash leftovers are swept, never adopted).
+    pub fn new(parts: CacheParts) -> std::io::Result<Arc<Self>> {
+        let CacheParts {
+            meta,
+            store,
+            upstreams,
+            tmp_dir,
+            settings,
+            active,
+            tasks,
+            shutdown,
+        } = parts;
         if tmp_dir.exists() {
             std::fs::remove_dir_all(&tmp_dir)?;
         }
@@ -111,6 +129,7 @@ impl Cache {
             manifest_fetches: SingleFlight::default(),
             checked: Mutex::default(),
             uses: UseBuffer::default(),
+            active,
             tasks,
             shutdown,
         }))

@@ -1,5 +1,8 @@
 //! Command-line entry points. The only place (with `main`) where `anyhow` is used.
 
+mod format;
+mod ops;
+
 use crate::config::{self, Config};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -29,6 +32,30 @@ enum Command {
         #[arg(long, short, env = "REGCACHE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Counts and bytes of what is cached, the deletion queue and the applied settings.
+    /// Reads the same database as a running server.
+    Status {
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reconcile storage with metadata: queue orphan objects for deletion, repair rows
+    /// whose object is missing, remove stale temporary files, and delete what is queued.
+    Fsck {
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Report only; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also re-hash every stored blob and quarantine mismatches.
+        #[arg(long)]
+        verify: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
@@ -46,6 +73,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 toml::to_string_pretty(&c).context("printing the configuration")?
             );
             Ok(())
+        }
+        Command::Status { config, json } => {
+            let c = load(config.as_deref())?;
+            runtime()?.block_on(ops::status(&c, json))
+        }
+        Command::Fsck {
+            config,
+            dry_run,
+            verify,
+            json,
+        } => {
+            let c = load(config.as_deref())?;
+            init_logging(&config::LogConfig {
+                level: "warn".into(),
+                ..c.log.clone()
+            })?;
+            runtime()?.block_on(ops::fsck(&c, dry_run, verify, json))
         }
         Command::Serve { config } => {
             let c = load(config.as_deref())?;
@@ -72,6 +116,10 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("starting the async runtime")
 }
 
 fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {

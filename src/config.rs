@@ -67,7 +67,7 @@ pub enum Backend {
     Memory,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     #[serde(default)]
@@ -77,22 +77,86 @@ pub struct StorageConfig {
     /// Filesystem backend only: fsync blobs before they are committed. Default false.
     #[serde(default)]
     pub fsync: bool,
+    /// Bound on stored blob bytes; past it the least recently used content is expired
+    /// until `low_watermark_percent` of it remains. Default: no bound.
+    pub max_size: Option<ByteSize>,
+    /// Where eviction stops, in percent of `max_size`. Default 90.
+    #[serde(default = "default_low_watermark")]
+    pub low_watermark_percent: u8,
+    /// How often reconciliation (storage against metadata) runs in the server; it also
+    /// runs once at start-up. `"0"` = only at start-up. Default `24h`.
+    #[serde(default = "default_reconcile_interval")]
+    pub reconcile_interval: Duration,
+    /// Objects without metadata younger than this are left alone by reconciliation (they
+    /// may be mid-commit). Default `1h`.
+    #[serde(default = "default_reconcile_grace")]
+    pub reconcile_grace: Duration,
     pub s3: Option<S3Config>,
     pub gcs: Option<GcsConfig>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::default(),
+            delete: DeleteConfig::default(),
+            fsync: false,
+            max_size: None,
+            low_watermark_percent: default_low_watermark(),
+            reconcile_interval: default_reconcile_interval(),
+            reconcile_grace: default_reconcile_grace(),
+            s3: None,
+            gcs: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteConfig {
-    /// Whether blobs may be removed from storage. Default true.
+    /// Whether blobs may be removed from storage. Default true. When false nothing is
+    /// removed: expired entries are kept (and served) as deferred until deletes are on.
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Storage deletes in flight at once. Default 4.
+    #[serde(default = "default_delete_workers")]
+    pub workers: usize,
+    /// Wait before the first retry of a failed delete; doubles per attempt. Default `10s`.
+    #[serde(default = "default_retry_initial")]
+    pub retry_initial: Duration,
+    /// Longest wait between retries of a failed delete. Default `1h`.
+    #[serde(default = "default_retry_max")]
+    pub retry_max: Duration,
 }
 
 impl Default for DeleteConfig {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            workers: default_delete_workers(),
+            retry_initial: default_retry_initial(),
+            retry_max: default_retry_max(),
+        }
     }
+}
+
+fn default_delete_workers() -> usize {
+    4
+}
+fn default_retry_initial() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_reconcile_interval() -> Duration {
+    Duration::from_secs(86_400)
+}
+fn default_reconcile_grace() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_low_watermark() -> u8 {
+    90
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod metadata;
 pub mod oci;
 pub mod registry;
+pub mod scheduler;
 pub mod server;
 pub mod storage;
 pub mod upstream;

@@ -3,16 +3,26 @@
 //! pool so the async runtime never waits on SQLite. Never touches blob bytes or the network.
 
 mod blobs;
+mod deletes;
+mod eviction;
+mod expiry;
 mod manifests;
 mod migrations;
 mod pool;
+mod reconcile;
 mod repos;
+mod settings;
+mod status;
 mod tags;
 
 pub use blobs::BlobAccess;
+pub use deletes::{Backoff, ClaimedDelete};
+pub use expiry::ExpiryReport;
 pub use manifests::{ManifestRecord, NewManifest};
 pub use pool::Metadata;
 pub use repos::{RepoKey, Use};
+pub use settings::{AppliedSettings, SettingsChange};
+pub use status::{CountBytes, FailingDelete, Status};
 pub use tags::{ReferrersRecord, TagRecord};
 
 /// Errors of the metadata layer.

@@ -2,9 +2,10 @@
 //! clients and the cache, binds the listener, and stops everything on one shutdown signal
 //! with a bounded drain.
 
-use crate::cache::{Cache, CacheSettings};
+use crate::cache::{Cache, CacheParts, CacheSettings};
 use crate::config::Config;
-use crate::metadata::{Metadata, MetadataError};
+use crate::metadata::{now_secs, AppliedSettings, Metadata, MetadataError};
+use crate::scheduler::{ActiveBlobs, Scheduler, SchedulerSettings};
 use crate::storage::StorageError;
 use crate::upstream::{UpstreamError, Upstreams};
 use std::net::SocketAddr;
@@ -50,6 +51,15 @@ pub struct RunningServer {
 
 /// Opens everything `config` names and starts serving.
 pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
+    start_with_store(config, None).await
+}
+
+/// Like [`start`], with blobs in `store` instead of the configured backend (tests use a
+/// store that fails on command).
+pub async fn start_with_store(
+    config: Config,
+    store: Option<Arc<dyn object_store::ObjectStore>>,
+) -> Result<RunningServer, ServerError> {
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.display().to_string(),
@@ -59,20 +69,26 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let meta = tokio::task::spawn_blocking(move || Metadata::open(&db_path))
         .await
         .map_err(|e| ServerError::Task(e.to_string()))??;
-    let store = crate::storage::build(&config.storage, &data_dir)?;
+    let store = match store {
+        Some(s) => crate::storage::BlobStore::new(s, String::new(), None, false),
+        None => crate::storage::build(&config.storage, &data_dir)?,
+    };
     let upstreams = Upstreams::from_config(&config)?;
+    apply_settings(&meta, &config).await?;
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let tmp_dir = data_dir.join("tmp");
-    let cache = Cache::new(
-        meta,
-        store,
+    let active = Arc::new(ActiveBlobs::default());
+    let cache = Cache::new(CacheParts {
+        meta: meta.clone(),
+        store: store.clone(),
         upstreams,
-        tmp_dir.clone(),
-        CacheSettings::from_config(&config),
-        tasks.clone(),
-        shutdown.clone(),
-    )
+        tmp_dir: tmp_dir.clone(),
+        settings: CacheSettings::from_config(&config),
+        active: active.clone(),
+        tasks: tasks.clone(),
+        shutdown: shutdown.clone(),
+    })
     .map_err(|source| ServerError::DataDir {
         path: tmp_dir.display().to_string(),
         source,
@@ -88,6 +104,16 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         source,
     })?;
     tasks.spawn(cache.clone().run_background());
+    Scheduler {
+        meta,
+        store,
+        settings: SchedulerSettings::from_config(&config),
+        tmp_dir: Some(tmp_dir),
+        active,
+        deletes_due: Arc::default(),
+        shutdown: shutdown.clone(),
+    }
+    .spawn(&tasks);
     let app = crate::registry::router(cache.clone());
     let stop = shutdown.clone();
     let http = tokio::spawn(async move {
@@ -111,6 +137,38 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         grace: config.server.shutdown_grace.to_std(),
         cache,
     })
+}
+
+/// The ttl of each upstream, as applied to stored state.
+pub fn applied_settings(config: &Config) -> AppliedSettings {
+    AppliedSettings {
+        ttls: config
+            .upstream
+            .iter()
+            .map(|u| {
+                let ttl = u.ttl.unwrap_or(config.proxy.ttl);
+                (u.name.clone(), i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX))
+            })
+            .collect(),
+        delete_enabled: config.storage.delete.enabled,
+    }
+}
+
+/// I6: rewrites the stored schedule when ttl or `storage.delete.enabled` changed since
+/// they were last applied, and takes back what a previous process left half done.
+async fn apply_settings(meta: &Metadata, config: &Config) -> Result<(), ServerError> {
+    let change = meta.apply_settings(applied_settings(config), now_secs()).await?;
+    if !change.is_empty() {
+        tracing::info!(change = %change, "applied changed settings to the stored schedule");
+    }
+    let reclaimed = meta.reset_after_restart().await?;
+    if reclaimed > 0 {
+        tracing::info!(
+            deletes.reclaimed = reclaimed,
+            "took back deletes claimed by a previous process"
+        );
+    }
+    Ok(())
 }
 
 impl RunningServer {

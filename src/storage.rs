@@ -3,10 +3,13 @@
 //! commit rows only after [`BlobStore::put_file`] returned (I2's write order).
 
 mod backends;
+mod delete;
+mod list;
 mod read;
 mod write;
 
 pub use backends::build;
+pub use list::StoredObject;
 pub use read::BlobBody;
 
 use crate::oci::Digest;

@@ -64,9 +64,10 @@ impl Cache {
         let d = digest.to_string();
         let stored = match self.meta.blob_access(&t.key, &d).await? {
             BlobAccess::Linked { size } => Some(size),
+            // Linking cancels a pending delete (a rescue); a blob being deleted right now
+            // is fetched again instead.
             BlobAccess::Referenced { size } => {
-                self.meta.link_blob(&t.key, &d, now_secs()).await?;
-                Some(size)
+                self.meta.link_blob(&t.key, &d, now_secs()).await?.then_some(size)
             }
             BlobAccess::Elsewhere { size } => {
                 if self.settings.offline {
@@ -74,10 +75,7 @@ impl Cache {
                 }
                 // Cached for another repository: only the upstream may say this one has it.
                 match t.upstream.head_blob(&t.repo, digest).await {
-                    Ok(_) => {
-                        self.meta.link_blob(&t.key, &d, now_secs()).await?;
-                        Some(size)
-                    }
+                    Ok(_) => self.meta.link_blob(&t.key, &d, now_secs()).await?.then_some(size),
                     Err(e) if e.is_not_found() => return Err(CacheError::BlobUnknown { digest: d }),
                     Err(e) => return Err(e.into()),
                 }
@@ -163,12 +161,23 @@ impl Cache {
             _ => None,
         };
         let (start, end) = range.as_ref().map_or((0, None), |r| (r.start, Some(r.end)));
+        let guard = self.active.hold(&digest.to_string());
         Ok(BlobResponse {
             size,
             range,
-            body: Some(follow(rx, start, end)),
+            body: Some(hold_while_streaming(follow(rx, start, end), guard)),
         })
     }
+}
+
+/// Keeps `guard` alive until the body is finished or dropped.
+fn hold_while_streaming(body: BlobBody, guard: crate::scheduler::eviction::ActiveGuard) -> BlobBody {
+    use futures::StreamExt;
+    body.map(move |chunk| {
+        let _held = &guard;
+        chunk
+    })
+    .boxed()
 }
 
 #[cfg(test)]

@@ -157,12 +157,29 @@ impl Cache {
                 actual: actual.to_string(),
             });
         }
-        // I2's order: verified temp file -> final key -> commit row.
-        self.store.put_file(digest, tmp, written).await?;
-        let configs = self
-            .meta
-            .commit_blob(&t.key, &digest.to_string(), written, now_secs())
-            .await?;
+        // I2's order: verified temp file -> write intent -> final key -> commit row. The
+        // intent keeps the deletion pipeline off this digest until the row is committed.
+        let d = digest.to_string();
+        let Some(intent) = self.meta.begin_write(&d, now_secs()).await? else {
+            tracing::warn!(repo.name = %t.key, blob.digest = %digest, "blob is being deleted; served without caching");
+            return Ok((file, written));
+        };
+        let committed = async {
+            self.store.put_file(digest, tmp, written).await?;
+            Ok::<_, CacheError>(
+                self.meta
+                    .commit_blob(&t.key, &d, written, intent, now_secs())
+                    .await?,
+            )
+        }
+        .await;
+        let configs = match committed {
+            Ok(configs) => configs,
+            Err(e) => {
+                let _ = self.meta.abandon_write(intent).await;
+                return Err(e);
+            }
+        };
         if !configs.is_empty() && written <= CONFIG_MAX_BYTES {
             let bytes = read_at(file.clone(), 0, written).await?;
             if let Some(created) = config_created(&bytes) {

@@ -147,6 +147,31 @@ fn validate(config: &mut Config) -> Result<(), ConfigError> {
 }
 
 fn validate_storage(config: &mut Config) -> Result<(), ConfigError> {
+    let d = &config.storage.delete;
+    if d.workers == 0 || d.workers > 256 {
+        return Err(invalid("storage.delete.workers", "must be between 1 and 256"));
+    }
+    if d.retry_initial.is_zero() {
+        return Err(invalid("storage.delete.retry_initial", "must be greater than 0"));
+    }
+    if d.retry_max < d.retry_initial {
+        return Err(invalid(
+            "storage.delete.retry_max",
+            "must not be shorter than retry_initial",
+        ));
+    }
+    if !(1..=99).contains(&config.storage.low_watermark_percent) {
+        return Err(invalid(
+            "storage.low_watermark_percent",
+            "must be between 1 and 99",
+        ));
+    }
+    if config.storage.max_size.is_some_and(|m| m.as_u64() == 0) {
+        return Err(invalid(
+            "storage.max_size",
+            "must be greater than 0 (leave it out for no bound)",
+        ));
+    }
     match config.storage.backend {
         Backend::S3 => {
             let s3 = config.storage.s3.as_mut().ok_or_else(|| {
@@ -420,17 +445,56 @@ mod tests {
         let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"));
         let example = load(Some(path), env(&[])).unwrap();
         let defaults = load(None, env(&[])).unwrap();
-        assert_eq!(toml::to_string(&example).unwrap(), toml::to_string(&defaults).unwrap());
+        assert_eq!(
+            toml::to_string(&example).unwrap(),
+            toml::to_string(&defaults).unwrap()
+        );
         let text = std::fs::read_to_string(path).unwrap();
         let keys = [
-            "listen", "data_dir", "shutdown_grace", "backend", "fsync", "enabled", "bucket", "region",
-            "endpoint", "allow_http", "access_key_id", "secret_access_key", "secret_access_key_file",
-            "prefix", "service_account_path", "service_account_key", "base_url", "ttl", "offline",
-            "revalidate_after", "revalidate_timeout", "connect_timeout", "read_timeout", "name", "url",
-            "default", "username", "password", "password_file", "level", "format",
+            "listen",
+            "data_dir",
+            "shutdown_grace",
+            "backend",
+            "fsync",
+            "enabled",
+            "workers",
+            "retry_initial",
+            "retry_max",
+            "max_size",
+            "low_watermark_percent",
+            "reconcile_interval",
+            "reconcile_grace",
+            "bucket",
+            "region",
+            "endpoint",
+            "allow_http",
+            "access_key_id",
+            "secret_access_key",
+            "secret_access_key_file",
+            "prefix",
+            "service_account_path",
+            "service_account_key",
+            "base_url",
+            "ttl",
+            "offline",
+            "revalidate_after",
+            "revalidate_timeout",
+            "connect_timeout",
+            "read_timeout",
+            "name",
+            "url",
+            "default",
+            "username",
+            "password",
+            "password_file",
+            "level",
+            "format",
         ];
         for key in keys {
-            assert!(text.contains(&format!("{key} = ")), "config.example.toml documents `{key}`");
+            assert!(
+                text.contains(&format!("{key} = ")),
+                "config.example.toml documents `{key}`"
+            );
         }
     }
 

@@ -1,5 +1,6 @@
 //! Blob rows and their repository links (I7).
 
+use super::expiry::expiry_sql;
 use super::repos::{ensure_repo, repo_id, RepoKey};
 use super::{Metadata, MetadataError};
 use rusqlite::{params, OptionalExtension};
@@ -65,16 +66,21 @@ impl Metadata {
     /// Records a verified blob now in storage under its final key and links it to
     /// `repo`, in one transaction (the last step of I2's write order). Returns the
     /// manifests that use this blob as their config and still lack a `created` time.
+    /// `intent` is the write intent taken before the object was written; it goes in the
+    /// same transaction, and so does any pending delete of the digest (a rescue).
     pub async fn commit_blob(
         &self,
         repo: &RepoKey,
         digest: &str,
         size: u64,
+        intent: i64,
         now: i64,
     ) -> Result<Vec<String>, MetadataError> {
         let (repo, digest) = (repo.clone(), digest.to_owned());
         let size = i64::try_from(size).unwrap_or(i64::MAX);
         self.write(move |tx| {
+            tx.execute("DELETE FROM write_intents WHERE id = ?1", [intent])?;
+            tx.execute("DELETE FROM pending_deletes WHERE digest = ?1", [&digest])?;
             tx.execute(
                 "INSERT INTO blobs (digest, size_bytes, cached_at, last_used_at) VALUES (?1, ?2, ?3, ?3)
                  ON CONFLICT (digest) DO UPDATE SET last_used_at = max(last_used_at, excluded.last_used_at)",
@@ -89,10 +95,25 @@ impl Metadata {
         .await
     }
 
-    /// Links an already stored blob to `repo` (after it was verified upstream for it).
-    pub async fn link_blob(&self, repo: &RepoKey, digest: &str, now: i64) -> Result<(), MetadataError> {
+    /// Links an already stored blob to `repo` (after it was verified upstream for it). A
+    /// pending delete of the blob is cancelled in the same transaction (a rescue); `false`
+    /// when the blob is being deleted right now and cannot be linked.
+    pub async fn link_blob(&self, repo: &RepoKey, digest: &str, now: i64) -> Result<bool, MetadataError> {
         let (repo, digest) = (repo.clone(), digest.to_owned());
-        self.write(move |tx| link(tx, &repo, &digest, now)).await
+        self.write(move |tx| {
+            let deleting: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM pending_deletes WHERE digest = ?1 AND state = 'deleting')",
+                [&digest],
+                |r| r.get(0),
+            )?;
+            if deleting {
+                return Ok(false);
+            }
+            tx.execute("DELETE FROM pending_deletes WHERE digest = ?1", [&digest])?;
+            link(tx, &repo, &digest, now)?;
+            Ok(true)
+        })
+        .await
     }
 
     /// Repairs rows that claim an object storage no longer has (I2): the blob and its
@@ -101,6 +122,7 @@ impl Metadata {
         let digest = digest.to_owned();
         self.write(move |tx| {
             tx.execute("DELETE FROM repo_blobs WHERE digest = ?1", [&digest])?;
+            tx.execute("DELETE FROM pending_deletes WHERE digest = ?1", [&digest])?;
             tx.execute("DELETE FROM blobs WHERE digest = ?1", [&digest])?;
             Ok(())
         })
@@ -111,8 +133,12 @@ impl Metadata {
 fn link(tx: &rusqlite::Transaction<'_>, repo: &RepoKey, digest: &str, now: i64) -> Result<(), MetadataError> {
     let id = ensure_repo(tx, repo, now)?;
     tx.execute(
-        "INSERT INTO repo_blobs (repo_id, digest, cached_at, last_used_at) VALUES (?1, ?2, ?3, ?3)
-         ON CONFLICT (repo_id, digest) DO UPDATE SET last_used_at = max(last_used_at, excluded.last_used_at)",
+        &format!(
+            "INSERT INTO repo_blobs (repo_id, digest, cached_at, last_used_at, expires_at) VALUES (?1, ?2, ?3, ?3, {})
+             ON CONFLICT (repo_id, digest) DO UPDATE SET last_used_at = max(last_used_at, excluded.last_used_at),
+                 expires_at = excluded.expires_at, deferred = 0",
+            expiry_sql("?3", "?1")
+        ),
         params![id, digest, now],
     )?;
     Ok(())

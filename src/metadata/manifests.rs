@@ -1,5 +1,6 @@
 //! Manifests (bodies live here, at most 4 MiB each), their references and repository links.
 
+use super::expiry::expiry_sql;
 use super::repos::{ensure_repo, repo_id, RepoKey};
 use super::{Metadata, MetadataError};
 use bytes::Bytes;
@@ -101,16 +102,25 @@ impl Metadata {
                 }
             }
             tx.execute(
-                "INSERT INTO repo_manifests (repo_id, digest, cached_at, last_used_at) VALUES (?1, ?2, ?3, ?3)
-                 ON CONFLICT (repo_id, digest) DO UPDATE SET last_used_at = max(last_used_at, excluded.last_used_at)",
+                &format!(
+                    "INSERT INTO repo_manifests (repo_id, digest, cached_at, last_used_at, expires_at)
+                     VALUES (?1, ?2, ?3, ?3, {})
+                     ON CONFLICT (repo_id, digest) DO UPDATE SET last_used_at = max(last_used_at, excluded.last_used_at),
+                         expires_at = excluded.expires_at, deferred = 0",
+                    expiry_sql("?3", "?1")
+                ),
                 params![id, m.digest, now],
             )?;
             if let Some(tag) = tag {
                 tx.execute(
-                    "INSERT INTO tags (repo_id, name, digest, cached_at, last_used_at) VALUES (?1, ?2, ?3, ?4, ?4)
-                     ON CONFLICT (repo_id, name) DO UPDATE SET digest = excluded.digest,
-                        cached_at = CASE WHEN digest = excluded.digest THEN cached_at ELSE excluded.cached_at END,
-                        last_used_at = excluded.last_used_at",
+                    &format!(
+                        "INSERT INTO tags (repo_id, name, digest, cached_at, last_used_at, expires_at)
+                         VALUES (?1, ?2, ?3, ?4, ?4, {})
+                         ON CONFLICT (repo_id, name) DO UPDATE SET digest = excluded.digest,
+                            cached_at = CASE WHEN digest = excluded.digest THEN cached_at ELSE excluded.cached_at END,
+                            last_used_at = excluded.last_used_at, expires_at = excluded.expires_at, deferred = 0",
+                        expiry_sql("?4", "?1")
+                    ),
                     params![id, tag, m.digest, now],
                 )?;
             }

@@ -5,8 +5,14 @@ use super::MetadataError;
 use rusqlite::Connection;
 
 /// Every migration, in order. A test checks this list against the files in `schema/`.
-pub(super) const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "0001_init.sql", include_str!("../../schema/0001_init.sql"))];
+pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "0001_init.sql", include_str!("../../schema/0001_init.sql")),
+    (
+        2,
+        "0002_expiry_and_deletes.sql",
+        include_str!("../../schema/0002_expiry_and_deletes.sql"),
+    ),
+];
 
 /// Brings the database up to the newest schema; a database newer than this build is an
 /// error rather than something to guess about.

@@ -1,5 +1,6 @@
 //! Repositories and the "last used" bookkeeping shared by everything cached under them.
 
+use super::expiry::expiry_sql;
 use super::{Metadata, MetadataError};
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -62,18 +63,30 @@ impl Metadata {
                 "UPDATE repositories SET last_used_at = max(last_used_at, ?3) WHERE upstream = ?1 AND name = ?2",
             )?;
             let mut blob_stmt = tx.prepare_cached(
-                "UPDATE repo_blobs SET last_used_at = max(last_used_at, ?4)
-                 WHERE digest = ?3 AND repo_id = (SELECT id FROM repositories WHERE upstream = ?1 AND name = ?2)",
+                &format!(
+                    "UPDATE repo_blobs SET last_used_at = max(last_used_at, ?4), deferred = 0,
+                            expires_at = {}
+                      WHERE digest = ?3 AND repo_id = (SELECT id FROM repositories WHERE upstream = ?1 AND name = ?2)",
+                    expiry_sql("max(repo_blobs.last_used_at, ?4)", "repo_blobs.repo_id")
+                ),
             )?;
             let mut blob_row_stmt =
                 tx.prepare_cached("UPDATE blobs SET last_used_at = max(last_used_at, ?2) WHERE digest = ?1")?;
             let mut manifest_stmt = tx.prepare_cached(
-                "UPDATE repo_manifests SET last_used_at = max(last_used_at, ?4)
-                 WHERE digest = ?3 AND repo_id = (SELECT id FROM repositories WHERE upstream = ?1 AND name = ?2)",
+                &format!(
+                    "UPDATE repo_manifests SET last_used_at = max(last_used_at, ?4), deferred = 0,
+                            expires_at = {}
+                      WHERE digest = ?3 AND repo_id = (SELECT id FROM repositories WHERE upstream = ?1 AND name = ?2)",
+                    expiry_sql("max(repo_manifests.last_used_at, ?4)", "repo_manifests.repo_id")
+                ),
             )?;
             let mut tag_stmt = tx.prepare_cached(
-                "UPDATE tags SET last_used_at = max(last_used_at, ?4)
-                 WHERE name = ?3 AND repo_id = (SELECT id FROM repositories WHERE upstream = ?1 AND name = ?2)",
+                &format!(
+                    "UPDATE tags SET last_used_at = max(last_used_at, ?4), deferred = 0,
+                            expires_at = {}
+                      WHERE name = ?3 AND repo_id = (SELECT id FROM repositories WHERE upstream = ?1 AND name = ?2)",
+                    expiry_sql("max(tags.last_used_at, ?4)", "tags.repo_id")
+                ),
             )?;
             for (u, at) in &uses {
                 let (repo, key) = match u {

@@ -15,13 +15,13 @@ use std::time::Duration;
 /// large blob legitimately takes long (CRATES.md: the default 30 s covers the whole body).
 const STORAGE_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Builds the blob store for `config`; the filesystem backend keeps blobs in
-/// `<data_dir>/blobs` (created if missing).
+/// Builds the blob store for `config`; the filesystem backend keeps its objects under
+/// `<data_dir>/store` (created if missing), blobs at `store/blobs/sha256/...`.
 pub fn build(config: &StorageConfig, data_dir: &Path) -> Result<BlobStore, StorageError> {
     let cfg_err = |e: object_store::Error| StorageError::Config(e.to_string());
     match config.backend {
         Backend::Filesystem => {
-            let root = data_dir.join("blobs");
+            let root = data_dir.join("store");
             std::fs::create_dir_all(&root).map_err(|source| StorageError::Io {
                 path: root.display().to_string(),
                 source,

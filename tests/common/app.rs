@@ -141,10 +141,10 @@ impl TestApp {
         self.db().query_row(sql, [], |r| r.get(0)).expect(sql)
     }
 
-    /// Files under the filesystem store's blob directory.
+    /// Files under the filesystem store's blob directory (`data_dir/store/blobs`).
     pub fn stored_blob_files(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
-        let root = self.data_dir().join("blobs");
+        let root = self.data_dir().join("store").join("blobs");
         let mut stack = vec![root];
         while let Some(dir) = stack.pop() {
             let Ok(entries) = std::fs::read_dir(&dir) else {

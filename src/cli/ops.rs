@@ -1,0 +1,192 @@
+//! `regcache status` and `regcache fsck`: work on the data dir directly, beside a running
+//! server or without one (SQLite's WAL lets both use it; claims and write intents keep a
+//! CLI delete and a server write apart).
+
+use super::format::{bytes, secs};
+use crate::config::Config;
+use crate::metadata::Metadata;
+use crate::scheduler::reconcile::{reconcile, Progress, ReconcileOptions, ReconcileReport};
+use crate::scheduler::{run_deletes_once, ActiveBlobs, Scheduler, SchedulerSettings};
+use anyhow::Context;
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+async fn open_metadata(config: &Config) -> anyhow::Result<Metadata> {
+    let path = config.server.data_dir.join("regcache.db");
+    anyhow::ensure!(
+        path.is_file(),
+        "no regcache database at {} (server.data_dir = {}); has the server run here?",
+        path.display(),
+        config.server.data_dir.display()
+    );
+    tokio::task::spawn_blocking(move || Metadata::open(&path))
+        .await
+        .context("opening the database")?
+        .context("opening the database")
+}
+
+pub(super) async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
+    let meta = open_metadata(config).await?;
+    let s = meta.status().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!("data dir            {}", config.server.data_dir.display());
+    println!("repositories        {}", s.repositories);
+    println!("tags                {}", s.tags);
+    println!(
+        "manifests           {} ({})",
+        s.manifests.count,
+        bytes(s.manifests.bytes)
+    );
+    println!("blobs               {} ({})", s.blobs.count, bytes(s.blobs.bytes));
+    println!(
+        "pending deletes     {} ({})",
+        s.pending_deletes.count,
+        bytes(s.pending_deletes.bytes)
+    );
+    println!(
+        "deferred deletes    {} ({})",
+        s.deferred_deletes.count,
+        bytes(s.deferred_deletes.bytes)
+    );
+    println!("deferred entries    {}", s.deferred_entries);
+    match &s.oldest_failing_delete {
+        Some(f) => println!(
+            "oldest failing delete  {} after {} attempts, next at {}: {}",
+            f.digest, f.attempts, f.next_attempt_at, f.last_error
+        ),
+        None => println!("oldest failing delete  none"),
+    }
+    println!(
+        "applied settings    storage.delete.enabled = {}",
+        s.delete_enabled
+    );
+    for (upstream, ttl) in &s.ttls {
+        println!("                    ttl of upstream {upstream} = {}", secs(*ttl));
+    }
+    Ok(())
+}
+
+/// A progress bar on a terminal, nothing otherwise.
+struct Bar(Option<indicatif::ProgressBar>);
+
+impl Progress for Bar {
+    fn phase(&self, name: &str, total: Option<u64>) {
+        if let Some(b) = &self.0 {
+            b.set_position(0);
+            b.set_length(total.unwrap_or(0));
+            b.set_message(name.to_owned());
+        }
+    }
+
+    fn advance(&self, n: u64) {
+        if let Some(b) = &self.0 {
+            b.inc(n);
+        }
+    }
+}
+
+pub(super) async fn fsck(config: &Config, dry_run: bool, verify: bool, json: bool) -> anyhow::Result<()> {
+    let meta = open_metadata(config).await?;
+    let store = crate::storage::build(&config.storage, &config.server.data_dir).context("opening storage")?;
+    let scheduler = Scheduler {
+        meta,
+        store,
+        settings: SchedulerSettings::from_config(config),
+        tmp_dir: Some(config.server.data_dir.join("tmp")),
+        active: Arc::new(ActiveBlobs::default()),
+        deletes_due: Arc::default(),
+        shutdown: tokio_util::sync::CancellationToken::new(),
+    };
+    let bar = Bar(std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg}: {pos}") {
+            b.set_style(style);
+        }
+        b
+    }));
+    let report = reconcile(&scheduler, ReconcileOptions { dry_run, verify }, &bar).await?;
+    let (deleted, failed) = if dry_run {
+        (0, 0)
+    } else {
+        run_deletes_once(&scheduler).await?
+    };
+    if let Some(b) = &bar.0 {
+        b.finish_and_clear();
+    }
+    if json {
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            #[serde(flatten)]
+            report: &'a ReconcileReport,
+            blobs_deleted: u64,
+            deletes_failed: u64,
+        }
+        let out = Out {
+            report: &report,
+            blobs_deleted: deleted,
+            deletes_failed: failed,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    print_report(&report, deleted, failed);
+    Ok(())
+}
+
+fn print_report(r: &ReconcileReport, deleted: u64, failed: u64) {
+    let verb = |done: &str| {
+        if r.dry_run {
+            format!("would be {done}")
+        } else {
+            done.to_owned()
+        }
+    };
+    println!("objects in storage       {}", r.objects_scanned);
+    println!("blob rows                {}", r.rows_scanned);
+    println!(
+        "orphan objects           {} ({}); {} {}, {} younger than the grace period left alone",
+        r.orphan_objects,
+        bytes(r.orphan_bytes),
+        if r.dry_run {
+            r.orphan_objects
+        } else {
+            r.orphans_queued
+        },
+        verb("queued for deletion"),
+        r.orphans_too_young
+    );
+    println!(
+        "rows without object      {}; {} {}",
+        r.missing_objects,
+        if r.dry_run {
+            r.missing_objects
+        } else {
+            r.rows_repaired
+        },
+        verb("repaired")
+    );
+    println!(
+        "temporary files          {} {}",
+        r.temp_files_removed,
+        verb("removed")
+    );
+    if r.blobs_verified > 0 || r.blobs_corrupt > 0 {
+        println!(
+            "verified blobs           {}; {} corrupt, {} {}",
+            r.blobs_verified,
+            r.blobs_corrupt,
+            if r.dry_run {
+                r.blobs_corrupt
+            } else {
+                r.blobs_quarantined
+            },
+            verb("quarantined")
+        );
+    }
+    if !r.dry_run {
+        println!("blobs deleted            {deleted}; {failed} failed (kept, will be retried)");
+    }
+}

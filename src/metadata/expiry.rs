@@ -1,0 +1,191 @@
+//! Expiry (I3): due tags, manifest links and blob links are removed in bounded batches,
+//! one transaction each; a blob nothing links or references any more becomes a pending
+//! delete. With storage deletes off, due entries are kept (still served) and marked
+//! deferred instead.
+
+use super::{Metadata, MetadataError};
+use rusqlite::{params, Transaction};
+
+/// What one expiry batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpiryReport {
+    pub tags: u64,
+    pub manifest_links: u64,
+    pub blob_links: u64,
+    pub manifests_removed: u64,
+    pub blobs_to_delete: u64,
+    pub deferred: u64,
+}
+
+impl ExpiryReport {
+    pub fn entries(&self) -> u64 {
+        self.tags + self.manifest_links + self.blob_links + self.deferred
+    }
+}
+
+/// SQL for "the expiry of something last used at `at` in repository `repo_id`": `at` plus
+/// the applied ttl of the repository's upstream, or NULL (never) when that ttl is 0.
+pub(super) fn expiry_sql(at: &str, repo_id: &str) -> String {
+    format!(
+        "(SELECT {at} + u.ttl_secs FROM upstream_settings u JOIN repositories r ON r.upstream = u.upstream
+           WHERE r.id = {repo_id} AND u.ttl_secs > 0)"
+    )
+}
+
+impl Metadata {
+    /// Expires at most `limit` due entries of each kind, in one transaction.
+    pub async fn expire_due(
+        &self,
+        now: i64,
+        limit: u32,
+        deletes_enabled: bool,
+    ) -> Result<ExpiryReport, MetadataError> {
+        self.write(move |tx| {
+            if deletes_enabled {
+                expire(tx, now, limit)
+            } else {
+                defer(tx, now, limit)
+            }
+        })
+        .await
+    }
+
+    /// The earliest due time of anything not yet expired, to sleep until.
+    pub async fn next_due(&self) -> Result<Option<i64>, MetadataError> {
+        self.read(|c| {
+            Ok(c.query_row(
+                "SELECT min(m) FROM (
+                    SELECT min(expires_at) AS m FROM tags WHERE expires_at IS NOT NULL
+                    UNION ALL SELECT min(expires_at) FROM repo_manifests WHERE expires_at IS NOT NULL
+                    UNION ALL SELECT min(expires_at) FROM repo_blobs WHERE expires_at IS NOT NULL)",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    }
+}
+
+fn expire(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<ExpiryReport, MetadataError> {
+    let mut report = ExpiryReport {
+        tags: tx.execute(
+            "DELETE FROM tags WHERE (repo_id, name) IN (
+                SELECT repo_id, name FROM tags WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)",
+            params![now, limit],
+        )? as u64,
+        ..ExpiryReport::default()
+    };
+    // A manifest link stays while a tag of its repository points at it or an index linked
+    // in its repository lists it.
+    let unlinked_manifests: Vec<String> = {
+        let mut stmt = tx.prepare(
+            "DELETE FROM repo_manifests WHERE (repo_id, digest) IN (
+                SELECT rm.repo_id, rm.digest FROM repo_manifests rm
+                 WHERE rm.expires_at <= ?1
+                   AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo_id = rm.repo_id AND t.digest = rm.digest)
+                   AND NOT EXISTS (SELECT 1 FROM manifest_refs mr
+                                     JOIN repo_manifests p ON p.digest = mr.manifest_digest AND p.repo_id = rm.repo_id
+                                    WHERE mr.ref_digest = rm.digest AND mr.kind = 'manifest')
+                 ORDER BY rm.expires_at LIMIT ?2)
+             RETURNING digest",
+        )?;
+        let rows = stmt.query_map(params![now, limit], |r| r.get(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    report.manifest_links = unlinked_manifests.len() as u64;
+    // A blob link stays while a manifest linked in its repository names the blob.
+    let mut candidates: Vec<String> = {
+        let mut stmt = tx.prepare(
+            "DELETE FROM repo_blobs WHERE (repo_id, digest) IN (
+                SELECT rb.repo_id, rb.digest FROM repo_blobs rb
+                 WHERE rb.expires_at <= ?1
+                   AND NOT EXISTS (SELECT 1 FROM manifest_refs mr
+                                     JOIN repo_manifests p ON p.digest = mr.manifest_digest AND p.repo_id = rb.repo_id
+                                    WHERE mr.ref_digest = rb.digest AND mr.kind = 'blob')
+                 ORDER BY rb.expires_at LIMIT ?2)
+             RETURNING digest",
+        )?;
+        let rows = stmt.query_map(params![now, limit], |r| r.get(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    report.blob_links = candidates.len() as u64;
+    for digest in &unlinked_manifests {
+        let (removed, refs) = remove_manifest_if_unlinked(tx, digest)?;
+        report.manifests_removed += u64::from(removed);
+        candidates.extend(refs);
+    }
+    candidates.sort();
+    candidates.dedup();
+    report.blobs_to_delete = enqueue_unreferenced(tx, &candidates, now, "expired")?;
+    Ok(report)
+}
+
+fn defer(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<ExpiryReport, MetadataError> {
+    let mut deferred = 0;
+    for table_key in [
+        ("tags", "repo_id, name"),
+        ("repo_manifests", "repo_id, digest"),
+        ("repo_blobs", "repo_id, digest"),
+    ] {
+        let (table, key) = table_key;
+        deferred += tx.execute(
+            &format!(
+                "UPDATE {table} SET deferred = 1, expires_at = NULL WHERE ({key}) IN (
+                    SELECT {key} FROM {table} WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)"
+            ),
+            params![now, limit],
+        )? as u64;
+    }
+    Ok(ExpiryReport {
+        deferred,
+        ..ExpiryReport::default()
+    })
+}
+
+/// Removes a manifest no repository links any more; returns whether it went and the blobs
+/// it named (candidates for deletion).
+pub(super) fn remove_manifest_if_unlinked(
+    tx: &Transaction<'_>,
+    digest: &str,
+) -> Result<(bool, Vec<String>), MetadataError> {
+    let linked: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM repo_manifests WHERE digest = ?1)",
+        [digest],
+        |r| r.get(0),
+    )?;
+    if linked {
+        return Ok((false, Vec::new()));
+    }
+    let refs: Vec<String> = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT ref_digest FROM manifest_refs WHERE manifest_digest = ?1 AND kind = 'blob'",
+        )?;
+        let rows = stmt.query_map([digest], |r| r.get(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let removed = tx.execute("DELETE FROM manifests WHERE digest = ?1", [digest])? > 0;
+    Ok((removed, refs))
+}
+
+/// Turns every candidate blob that no repository links and no cached manifest names into
+/// a pending delete (I3). Returns how many were queued.
+pub(super) fn enqueue_unreferenced(
+    tx: &Transaction<'_>,
+    candidates: &[String],
+    now: i64,
+    reason: &str,
+) -> Result<u64, MetadataError> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO pending_deletes (digest, size_bytes, reason, state, next_attempt_at, created_at)
+         SELECT b.digest, b.size_bytes, ?3, 'pending', ?2, ?2 FROM blobs b
+          WHERE b.digest = ?1
+            AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)
+            AND NOT EXISTS (SELECT 1 FROM manifest_refs mr WHERE mr.ref_digest = b.digest AND mr.kind = 'blob')
+         ON CONFLICT (digest) DO NOTHING",
+    )?;
+    let mut queued = 0;
+    for digest in candidates {
+        queued += stmt.execute(params![digest, now, reason])? as u64;
+    }
+    Ok(queued)
+}
