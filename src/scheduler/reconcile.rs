@@ -18,6 +18,9 @@ use std::time::Duration;
 const CHECK_BATCH: usize = 500;
 /// Blob rows read per page when looking for missing objects.
 const ROW_PAGE: u32 = 5000;
+/// Temporary files younger than this are never swept, whatever `reconcile_grace` says:
+/// a live transfer is writing them (start-up empties the directory anyway).
+const TEMP_FILE_MIN_AGE: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ReconcileOptions {
@@ -160,7 +163,8 @@ pub async fn reconcile(
     }
 
     if let Some(tmp) = &s.tmp_dir {
-        report.temp_files_removed = sweep_temp(tmp, s.settings.reconcile_grace, opts.dry_run);
+        let age = s.settings.reconcile_grace.max(TEMP_FILE_MIN_AGE);
+        report.temp_files_removed = sweep_temp(tmp, age, opts.dry_run);
     }
     if opts.verify {
         verify(s, &listed, opts, progress, &mut report).await?;
