@@ -97,20 +97,23 @@ fn apply(tx: &Transaction<'_>, s: &AppliedSettings, now: i64) -> Result<Settings
             |r| r.get(0),
         )?;
         if old != *ttl || !known {
-            let expires = match (old, *ttl) {
-                (_, 0) => "NULL".to_owned(),
-                (0, t) => format!("?2 + {t}"),
-                (_, t) => format!("last_used_at + {t}"),
+            // Only `0 -> T` uses `now` (?2); SQLite refuses a parameter the statement lacks.
+            let (expires, uses_now) = match (old, *ttl) {
+                (_, 0) => ("NULL".to_owned(), false),
+                (0, t) => (format!("?2 + {t}"), true),
+                (_, t) => (format!("last_used_at + {t}"), false),
             };
             let mut n = 0;
             for table in ENTRY_TABLES {
-                n += tx.execute(
-                    &format!(
-                        "UPDATE {table} SET expires_at = {expires}
-                          WHERE deferred = 0 AND repo_id IN (SELECT id FROM repositories WHERE upstream = ?1)"
-                    ),
-                    params![upstream, now],
-                )? as u64;
+                let sql = format!(
+                    "UPDATE {table} SET expires_at = {expires}
+                      WHERE deferred = 0 AND repo_id IN (SELECT id FROM repositories WHERE upstream = ?1)"
+                );
+                n += if uses_now {
+                    tx.execute(&sql, params![upstream, now])?
+                } else {
+                    tx.execute(&sql, params![upstream])?
+                } as u64;
             }
             if old != *ttl {
                 change.ttl_changes.push((upstream.clone(), old, *ttl, n));
