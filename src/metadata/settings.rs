@@ -21,11 +21,13 @@ pub struct SettingsChange {
     pub ttl_changes: Vec<(String, i64, i64, u64)>,
     /// (old, new, deferred entries rescheduled, deferred deletes resumed)
     pub delete_switch: Option<(bool, bool, u64, u64)>,
+    /// Deferred deletes resumed with deletes on and no switch (deferred by another process).
+    pub deferred_deletes_resumed: u64,
 }
 
 impl SettingsChange {
     pub fn is_empty(&self) -> bool {
-        self.ttl_changes.is_empty() && self.delete_switch.is_none()
+        self.ttl_changes.is_empty() && self.delete_switch.is_none() && self.deferred_deletes_resumed == 0
     }
 }
 
@@ -40,6 +42,12 @@ impl std::fmt::Display for SettingsChange {
         if let Some((old, new, entries, deletes)) = self.delete_switch {
             parts.push(format!(
                 "storage.delete.enabled {old} -> {new}: {entries} deferred entries scheduled at now + ttl, {deletes} deferred deletes resumed"
+            ));
+        }
+        if self.deferred_deletes_resumed > 0 {
+            parts.push(format!(
+                "{} deletes deferred by a process with storage.delete.enabled=false resumed",
+                self.deferred_deletes_resumed
             ));
         }
         f.write_str(&parts.join("; "))
@@ -151,6 +159,15 @@ fn apply(tx: &Transaction<'_>, s: &AppliedSettings, now: i64) -> Result<Settings
             )? as u64;
         }
         change.delete_switch = Some((old, s.delete_enabled, entries, deletes));
+    } else if s.delete_enabled {
+        // No switch, yet a process with deletes off beside this database (`regcache fsck`
+        // with its own config) may have deferred deletes: with deletes on they run, or
+        // they would wait forever (I3).
+        change.deferred_deletes_resumed = tx.execute(
+            "UPDATE pending_deletes SET state = 'pending', next_attempt_at = ?1, deferred_reason = NULL
+              WHERE state = 'deferred'",
+            [now],
+        )? as u64;
     }
     tx.execute(
         "INSERT INTO settings (key, value, applied_at) VALUES (?1, ?2, ?3)
