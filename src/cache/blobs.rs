@@ -129,7 +129,11 @@ impl Cache {
             }
             None
         } else {
-            Some(self.store.open(digest, range.clone()).await?)
+            // Held before the object is opened and until the body ends: eviction never
+            // picks a blob being served, from storage as from a transfer.
+            let guard = self.active.hold(&digest.to_string());
+            let body = self.store.open(digest, range.clone()).await?;
+            Some(hold_while_streaming(body, guard))
         };
         self.uses.record(Use::Blob(t.key.clone(), digest.to_string()));
         Ok(BlobResponse {
