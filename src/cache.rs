@@ -10,15 +10,14 @@ mod single_flight;
 mod transfer;
 mod uses;
 
-pub use blobs::{BlobResponse, ByteRange};
-pub use error::CacheError;
-
-use crate::config::{Config, Duration};
+pub use crate::config::{Config, Duration};
 use crate::metadata::{Metadata, RepoKey};
 use crate::oci::{Digest, RepoName};
 use crate::scheduler::ActiveBlobs;
 use crate::storage::BlobStore;
 use crate::upstream::{RouteError, Upstream, Upstreams};
+pub use blobs::{BlobResponse, ByteRange};
+pub use error::CacheError;
 use single_flight::SingleFlight;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,7 +26,7 @@ use std::time::Instant;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use uses::UseBuffer;
+pub use uses::UseBuffer;
 
 /// A repository on a chosen upstream: what every cache operation acts on.
 #[derive(Debug, Clone)]
@@ -67,6 +66,7 @@ pub struct CacheParts {
     pub tmp_dir: PathBuf,
     pub settings: CacheSettings,
     pub active: Arc<ActiveBlobs>,
+    pub uses: Arc<UseBuffer>,
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
 }
@@ -87,7 +87,7 @@ pub struct Cache {
     /// When each tag was last confirmed upstream (memory only: after a restart every tag
     /// is revalidated once, which is the safe direction).
     checked: Mutex<HashMap<(RepoKey, String), Instant>>,
-    uses: UseBuffer,
+    uses: Arc<UseBuffer>,
     /// Blobs being served right now: eviction never picks them.
     active: Arc<ActiveBlobs>,
     tasks: TaskTracker,
@@ -111,6 +111,7 @@ impl Cache {
             tmp_dir,
             settings,
             active,
+            uses,
             tasks,
             shutdown,
         } = parts;
@@ -128,7 +129,7 @@ impl Cache {
             revalidations: SingleFlight::default(),
             manifest_fetches: SingleFlight::default(),
             checked: Mutex::default(),
-            uses: UseBuffer::default(),
+            uses,
             active,
             tasks,
             shutdown,

@@ -1,5 +1,6 @@
 //! Command-line entry points. The only place (with `main`) where `anyhow` is used.
 
+mod admin_ops;
 mod format;
 mod ops;
 
@@ -41,6 +42,46 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Queue a purge of everything cached, or of one repository (UPSTREAM/REPO): it is no
+    /// longer served and will be refetched; its blobs go through the deletion pipeline.
+    Purge {
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        /// UPSTREAM/REPO; everything when omitted.
+        repository: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List recent jobs, or show one.
+    Jobs {
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        id: Option<i64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List cached repositories, or show one (UPSTREAM/REPO) with its tags.
+    Repos {
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a cached repository (UPSTREAM/REPO): no longer served at once, removed in
+    /// resumable batches by the server's deletion workers.
+    DeleteRepo {
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cleanup policies.
+    Cleanup {
+        #[command(subcommand)]
+        command: CleanupCommand,
+    },
     /// Reconcile storage with metadata: queue orphan objects for deletion, repair rows
     /// whose object is missing, remove stale temporary files, and delete what is queued.
     Fsck {
@@ -53,6 +94,20 @@ enum Command {
         #[arg(long)]
         verify: bool,
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CleanupCommand {
+    /// Queue a cleanup job for every repository every policy matches, now (ignoring the
+    /// cadence); with --dry-run, list what would be deleted and why, changing nothing.
+    Run {
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
     },
@@ -90,6 +145,37 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ..c.log.clone()
             })?;
             runtime()?.block_on(ops::fsck(&c, dry_run, verify, json))
+        }
+        Command::Purge {
+            config,
+            repository,
+            json,
+        } => {
+            let c = load(config.as_deref())?;
+            runtime()?.block_on(admin_ops::purge(&c, repository.as_deref(), json))
+        }
+        Command::Jobs { config, id, json } => {
+            let c = load(config.as_deref())?;
+            runtime()?.block_on(admin_ops::jobs(&c, id, json))
+        }
+        Command::Repos { config, name, json } => {
+            let c = load(config.as_deref())?;
+            runtime()?.block_on(admin_ops::repos(&c, name.as_deref(), json))
+        }
+        Command::DeleteRepo { config, name, json } => {
+            let c = load(config.as_deref())?;
+            runtime()?.block_on(admin_ops::delete_repo(&c, &name, json))
+        }
+        Command::Cleanup {
+            command:
+                CleanupCommand::Run {
+                    config,
+                    dry_run,
+                    json,
+                },
+        } => {
+            let c = load(config.as_deref())?;
+            runtime()?.block_on(admin_ops::cleanup_run(&c, dry_run, json))
         }
         Command::Serve { config } => {
             let c = load(config.as_deref())?;

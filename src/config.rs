@@ -30,6 +30,107 @@ pub struct Config {
     pub upstream: Vec<UpstreamConfig>,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub jobs: JobsConfig,
+    #[serde(default)]
+    pub cleanup: CleanupConfig,
+}
+
+/// The admin API (`/api/v1/...`).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// A separate address for the admin API; default: the registry's listener.
+    pub listen: Option<String>,
+    /// Bearer token clients must send. Without one the admin API answers 403.
+    pub token: Option<Secret>,
+    /// Or read the token from a file (not both).
+    pub token_file: Option<PathBuf>,
+}
+
+/// Operator-requested jobs (purge, repository deletion, cleanup).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Workers for purge and cleanup jobs. Default 2.
+    #[serde(default = "two")]
+    pub workers: usize,
+    /// Workers deleting repositories. Default 2.
+    #[serde(default = "two")]
+    pub delete_workers: usize,
+    /// Runs of a job that may end in an error before it is `failed`. Default 5.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Wait before retrying a job that failed; doubles per attempt. Default `10s`.
+    #[serde(default = "default_retry_initial")]
+    pub retry_initial: Duration,
+    /// Longest wait between retries. Default `10m`.
+    #[serde(default = "default_job_retry_max")]
+    pub retry_max: Duration,
+    /// Time budget of one run of a repository deletion; the rest is left for the next run.
+    /// Default `1m`.
+    #[serde(default = "default_max_run_time")]
+    pub max_run_time: Duration,
+    /// Tags or links removed per transaction by a repository deletion. Default 1000.
+    #[serde(default = "default_delete_batch")]
+    pub delete_batch: u32,
+    /// A running job or repository deletion not heard from for this long is taken back by
+    /// the sweeper (its worker died). Default `10m`.
+    #[serde(default = "default_stale_after")]
+    pub stale_after: Duration,
+    /// How often the sweeper looks for stale work. Default `5m`.
+    #[serde(default = "default_sweep_interval")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            workers: two(),
+            delete_workers: two(),
+            max_attempts: default_max_attempts(),
+            retry_initial: default_retry_initial(),
+            retry_max: default_job_retry_max(),
+            max_run_time: default_max_run_time(),
+            delete_batch: default_delete_batch(),
+            stale_after: default_stale_after(),
+            sweep_interval: default_sweep_interval(),
+        }
+    }
+}
+
+/// Cleanup policies: which tags of which repositories to delete, on a cadence.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CleanupConfig {
+    #[serde(default)]
+    pub policy: Vec<CleanupPolicy>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CleanupPolicy {
+    /// Name used in job arguments and logs. Default `policy-<n>`.
+    #[serde(default)]
+    pub name: String,
+    /// Glob over `upstream/repository`: `*` matches within one path segment, `**` across
+    /// segments, `?` one character.
+    pub repositories: String,
+    /// Always keep this many of the newest (by image `created`) candidate tags. Default 0.
+    #[serde(default)]
+    pub keep_n: usize,
+    /// Only delete candidates created longer ago than this. Default: any age.
+    pub older_than: Option<Duration>,
+    /// Tags whose name matches are candidates. Default `.*`.
+    #[serde(default = "default_regex_delete")]
+    pub name_regex_delete: String,
+    /// Tags whose name matches are never deleted. Default: none.
+    pub name_regex_keep: Option<String>,
+    /// How often the policy runs for each repository. Default `1d`.
+    #[serde(default = "default_cadence")]
+    pub cadence: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -306,4 +407,31 @@ fn default_log_format() -> String {
 }
 fn yes() -> bool {
     true
+}
+fn two() -> usize {
+    2
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_job_retry_max() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_max_run_time() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_delete_batch() -> u32 {
+    1000
+}
+fn default_stale_after() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_sweep_interval() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_regex_delete() -> String {
+    ".*".into()
+}
+fn default_cadence() -> Duration {
+    Duration::from_secs(86_400)
 }

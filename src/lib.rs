@@ -4,9 +4,11 @@
 // Input, I/O and the network must never be able to panic the server; tests may unwrap.
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod admin;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod glob;
 pub mod metadata;
 pub mod oci;
 pub mod registry;

@@ -2,24 +2,32 @@
 //! mutex, a few reader connections, WAL, foreign keys on; every call runs on the blocking
 //! pool so the async runtime never waits on SQLite. Never touches blob bytes or the network.
 
+mod admin;
 mod blobs;
+mod cleanup;
 mod deletes;
 mod eviction;
 mod expiry;
+mod jobs;
 mod manifests;
 mod migrations;
 mod pool;
+mod purge;
 mod reconcile;
 mod repos;
 mod settings;
 mod status;
 mod tags;
 
+pub use admin::{RepoDetail, RepoSummary, TagSummary};
 pub use blobs::BlobAccess;
+pub use cleanup::{TagDeletion, TagInfo};
 pub use deletes::{Backoff, ClaimedDelete};
 pub use expiry::ExpiryReport;
+pub use jobs::{CancelOutcome, Job, JobBackoff, RunOutcome, SweepReport};
 pub use manifests::{ManifestRecord, NewManifest};
 pub use pool::Metadata;
+pub use purge::{HandedBlobs, RepoDeleteStep, Unlinked};
 pub use repos::{RepoKey, Use};
 pub use settings::{AppliedSettings, SettingsChange};
 pub use status::{CountBytes, FailingDelete, Status};
@@ -40,7 +48,12 @@ pub enum MetadataError {
     SchemaTooNew { found: i64, known: i64 },
     #[error("metadata task failed: {0}")]
     Task(String),
+    #[error("repository {repo} is being deleted")]
+    RepositoryBeingDeleted { repo: String },
 }
+
+/// Why deletes wait when `storage.delete.enabled` is false, as recorded on deferred rows.
+pub const DELETES_DISABLED_REASON: &str = "storage.delete.enabled=false";
 
 /// Current Unix time in seconds.
 pub fn now_secs() -> i64 {

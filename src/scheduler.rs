@@ -6,10 +6,14 @@
 mod deletes;
 pub mod eviction;
 mod expiry;
+pub mod jobs;
+mod policy;
 pub mod reconcile;
 
 pub use deletes::run_deletes_once;
 pub use eviction::ActiveBlobs;
+pub use jobs::JobSettings;
+pub use policy::Decision;
 
 use crate::config::Config;
 use crate::metadata::{Backoff, Metadata};
@@ -67,6 +71,11 @@ pub struct Scheduler {
     pub active: Arc<ActiveBlobs>,
     /// Wakes the deletion workers when expiry queued something.
     pub deletes_due: Arc<Notify>,
+    pub jobs: JobSettings,
+    /// Wakes job workers when a job was queued or finished.
+    pub jobs_due: Arc<Notify>,
+    /// The server's buffered uses (cleanup flushes them before deleting); none in the CLI.
+    pub uses: Option<Arc<crate::cache::UseBuffer>>,
     pub shutdown: CancellationToken,
 }
 
@@ -76,6 +85,7 @@ impl Scheduler {
         tasks.spawn(expiry::run(self.clone()));
         tasks.spawn(deletes::run(self.clone()));
         tasks.spawn(reconcile::run(self.clone()));
+        jobs::spawn(&self, tasks);
         if self.settings.size_bound.is_some() {
             tasks.spawn(eviction::run(self));
         }

@@ -2,10 +2,10 @@
 //! clients and the cache, binds the listener, and stops everything on one shutdown signal
 //! with a bounded drain.
 
-use crate::cache::{Cache, CacheParts, CacheSettings};
+use crate::cache::{Cache, CacheParts, CacheSettings, UseBuffer};
 use crate::config::Config;
 use crate::metadata::{now_secs, AppliedSettings, Metadata, MetadataError};
-use crate::scheduler::{ActiveBlobs, Scheduler, SchedulerSettings};
+use crate::scheduler::{ActiveBlobs, JobSettings, Scheduler, SchedulerSettings};
 use crate::storage::StorageError;
 use crate::upstream::{UpstreamError, Upstreams};
 use std::net::SocketAddr;
@@ -74,11 +74,20 @@ pub async fn start_with_store(
         None => crate::storage::build(&config.storage, &data_dir)?,
     };
     let upstreams = Upstreams::from_config(&config)?;
+    let jobs_due: Arc<tokio::sync::Notify> = Arc::default();
+    let admin = crate::admin::router(crate::admin::AdminState {
+        meta: meta.clone(),
+        upstreams: upstreams.clone(),
+        token: config.admin.token.clone(),
+        max_attempts: i64::from(config.jobs.max_attempts),
+        jobs_due: jobs_due.clone(),
+    });
     apply_settings(&meta, &config).await?;
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let tmp_dir = data_dir.join("tmp");
     let active = Arc::new(ActiveBlobs::default());
+    let uses = Arc::new(UseBuffer::default());
     let cache = Cache::new(CacheParts {
         meta: meta.clone(),
         store: store.clone(),
@@ -86,6 +95,7 @@ pub async fn start_with_store(
         tmp_dir: tmp_dir.clone(),
         settings: CacheSettings::from_config(&config),
         active: active.clone(),
+        uses: uses.clone(),
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
     })
@@ -111,10 +121,34 @@ pub async fn start_with_store(
         tmp_dir: Some(tmp_dir),
         active,
         deletes_due: Arc::default(),
+        jobs: JobSettings::from_config(&config),
+        jobs_due,
+        uses: Some(uses),
         shutdown: shutdown.clone(),
     }
     .spawn(&tasks);
-    let app = crate::registry::router(cache.clone());
+    let registry = crate::registry::router(cache.clone());
+    let app = match &config.admin.listen {
+        None => registry.merge(admin),
+        Some(admin_addr) => {
+            let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: admin_addr.clone(),
+                    source,
+                })?;
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                let served = axum::serve(admin_listener, admin)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "admin listener failed");
+                }
+            });
+            registry
+        }
+    };
     let stop = shutdown.clone();
     let http = tokio::spawn(async move {
         axum::serve(listener, app)

@@ -15,6 +15,8 @@ pub enum CacheError {
     ManifestUnknown { reference: String },
     #[error("repository {repo} is unknown")]
     NameUnknown { repo: String },
+    #[error("repository {repo} is being deleted; it is served again once the deletion has finished")]
+    RepositoryDeleting { repo: String },
     #[error("content does not match its digest: expected {expected}, got {actual}; nothing was stored")]
     DigestMismatch { expected: String, actual: String },
     #[error("upstream sent {received} bytes of {expected}; nothing was stored")]
@@ -42,7 +44,10 @@ impl CacheError {
 
 impl From<MetadataError> for CacheError {
     fn from(e: MetadataError) -> Self {
-        Self::Metadata(Arc::new(e))
+        match e {
+            MetadataError::RepositoryBeingDeleted { repo } => Self::RepositoryDeleting { repo },
+            other => Self::Metadata(Arc::new(other)),
+        }
     }
 }
 

@@ -14,8 +14,10 @@ const FLUSH_EVERY: Duration = Duration::from_secs(5);
 /// (they are refreshed by the next request anyway).
 const PENDING_MAX: usize = 100_000;
 
+/// Uses recorded in memory until the next flush; shared with the cleanup jobs, which flush
+/// it right before a compare-and-delete so "pulled since evaluation" sees recent pulls.
 #[derive(Debug, Default)]
-pub(super) struct UseBuffer {
+pub struct UseBuffer {
     pending: Mutex<HashMap<Use, i64>>,
 }
 
@@ -32,6 +34,11 @@ impl UseBuffer {
             .into_iter()
             .collect()
     }
+
+    /// Writes every recorded use to SQLite now.
+    pub async fn flush(&self, meta: &Metadata) -> Result<(), crate::metadata::MetadataError> {
+        meta.record_uses(self.take()).await
+    }
 }
 
 pub(super) async fn flush_loop(buffer: &UseBuffer, meta: &Metadata, shutdown: &CancellationToken) {
@@ -42,10 +49,8 @@ pub(super) async fn flush_loop(buffer: &UseBuffer, meta: &Metadata, shutdown: &C
             _ = tick.tick() => false,
             () = shutdown.cancelled() => true,
         };
-        let batch = buffer.take();
-        let count = batch.len();
-        if let Err(e) = meta.record_uses(batch).await {
-            tracing::warn!(error = %e, uses.count = count, "could not record last-used times");
+        if let Err(e) = buffer.flush(meta).await {
+            tracing::warn!(error = %e, "could not record last-used times");
         }
         if stopping {
             return;

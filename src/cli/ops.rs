@@ -11,7 +11,7 @@ use anyhow::Context;
 use std::io::IsTerminal;
 use std::sync::Arc;
 
-async fn open_metadata(config: &Config) -> anyhow::Result<Metadata> {
+pub(super) async fn open_metadata(config: &Config) -> anyhow::Result<Metadata> {
     let path = config.server.data_dir.join("regcache.db");
     anyhow::ensure!(
         path.is_file(),
@@ -88,18 +88,26 @@ impl Progress for Bar {
     }
 }
 
-pub(super) async fn fsck(config: &Config, dry_run: bool, verify: bool, json: bool) -> anyhow::Result<()> {
+/// A scheduler over the data dir, for work done from the command line.
+pub(super) async fn scheduler_for(config: &Config) -> anyhow::Result<Scheduler> {
     let meta = open_metadata(config).await?;
     let store = crate::storage::build(&config.storage, &config.server.data_dir).context("opening storage")?;
-    let scheduler = Scheduler {
+    Ok(Scheduler {
         meta,
         store,
         settings: SchedulerSettings::from_config(config),
         tmp_dir: Some(config.server.data_dir.join("tmp")),
         active: Arc::new(ActiveBlobs::default()),
         deletes_due: Arc::default(),
+        jobs: crate::scheduler::JobSettings::from_config(config),
+        jobs_due: Arc::default(),
+        uses: None,
         shutdown: tokio_util::sync::CancellationToken::new(),
-    };
+    })
+}
+
+pub(super) async fn fsck(config: &Config, dry_run: bool, verify: bool, json: bool) -> anyhow::Result<()> {
+    let scheduler = scheduler_for(config).await?;
     let bar = Bar(std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new_spinner();
         if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg}: {pos}") {

@@ -143,7 +143,88 @@ fn validate(config: &mut Config) -> Result<(), ConfigError> {
         ));
     }
     validate_storage(config)?;
+    validate_admin(config)?;
+    validate_jobs(config)?;
     validate_upstreams(&mut config.upstream)
+}
+
+fn validate_admin(config: &mut Config) -> Result<(), ConfigError> {
+    let a = &mut config.admin;
+    if let Some(listen) = &a.listen {
+        listen
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("admin.listen", format!("{listen:?} is not host:port ({e})")))?;
+    }
+    if a.token.is_some() && a.token_file.is_some() {
+        return Err(invalid(
+            "admin.token_file",
+            "set either token or token_file, not both",
+        ));
+    }
+    if let Some(path) = &a.token_file {
+        a.token = Some(read_secret("admin.token_file", path)?);
+    }
+    if a.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+        return Err(invalid("admin.token", "must be at least 16 characters"));
+    }
+    Ok(())
+}
+
+fn validate_jobs(config: &mut Config) -> Result<(), ConfigError> {
+    let j = &config.jobs;
+    for (key, n) in [
+        ("jobs.workers", j.workers),
+        ("jobs.delete_workers", j.delete_workers),
+    ] {
+        if n == 0 || n > 64 {
+            return Err(invalid(key, "must be between 1 and 64"));
+        }
+    }
+    if j.max_attempts == 0 {
+        return Err(invalid("jobs.max_attempts", "must be at least 1"));
+    }
+    if j.delete_batch == 0 || j.delete_batch > 100_000 {
+        return Err(invalid("jobs.delete_batch", "must be between 1 and 100000"));
+    }
+    for (key, d) in [
+        ("jobs.retry_initial", j.retry_initial),
+        ("jobs.max_run_time", j.max_run_time),
+        ("jobs.stale_after", j.stale_after),
+        ("jobs.sweep_interval", j.sweep_interval),
+    ] {
+        if d.is_zero() {
+            return Err(invalid(key, "must be greater than 0"));
+        }
+    }
+    if j.retry_max < j.retry_initial {
+        return Err(invalid(
+            "jobs.retry_max",
+            "must not be shorter than retry_initial",
+        ));
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, p) in config.cleanup.policy.iter_mut().enumerate() {
+        let key = |field: &str| format!("cleanup.policy[{i}].{field}");
+        if p.name.is_empty() {
+            p.name = format!("policy-{i}");
+        }
+        if !names.insert(p.name.clone()) {
+            return Err(invalid(
+                key("name"),
+                format!("{:?} is used by two policies", p.name),
+            ));
+        }
+        crate::glob::Glob::new(&p.repositories).map_err(|e| invalid(key("repositories"), e))?;
+        regex::Regex::new(&p.name_regex_delete)
+            .map_err(|e| invalid(key("name_regex_delete"), e.to_string()))?;
+        if let Some(keep) = &p.name_regex_keep {
+            regex::Regex::new(keep).map_err(|e| invalid(key("name_regex_keep"), e.to_string()))?;
+        }
+        if p.cadence.is_zero() {
+            return Err(invalid(key("cadence"), "must be greater than 0"));
+        }
+    }
+    Ok(())
 }
 
 fn validate_storage(config: &mut Config) -> Result<(), ConfigError> {
@@ -489,6 +570,20 @@ mod tests {
             "password_file",
             "level",
             "format",
+            "token",
+            "token_file",
+            "delete_workers",
+            "max_attempts",
+            "max_run_time",
+            "delete_batch",
+            "stale_after",
+            "sweep_interval",
+            "repositories",
+            "keep_n",
+            "older_than",
+            "name_regex_delete",
+            "name_regex_keep",
+            "cadence",
         ];
         for key in keys {
             assert!(
@@ -496,6 +591,26 @@ mod tests {
                 "config.example.toml documents `{key}`"
             );
         }
+    }
+
+    #[test]
+    fn cleanup_policies_are_validated() {
+        let f = toml_file("[[cleanup.policy]]\nrepositories = \"hub/**\"\nname_regex_keep = \"(\"\n");
+        assert_eq!(
+            err_key(load(Some(f.path()), env(&[])).unwrap_err()),
+            "cleanup.policy[0].name_regex_keep"
+        );
+        let f = toml_file("[[cleanup.policy]]\nrepositories = \"\"\n");
+        assert_eq!(
+            err_key(load(Some(f.path()), env(&[])).unwrap_err()),
+            "cleanup.policy[0].repositories"
+        );
+        let f = toml_file("[[cleanup.policy]]\nrepositories = \"hub/*\"\nkeep_n = 3\nolder_than = \"30d\"\n");
+        let c = load(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(c.cleanup.policy[0].name, "policy-0");
+        assert_eq!(c.cleanup.policy[0].name_regex_delete, ".*");
+        let e = load(None, env(&[("REGCACHE_ADMIN__TOKEN", "short")])).unwrap_err();
+        assert_eq!(err_key(e), "admin.token");
     }
 
     #[test]

@@ -64,7 +64,7 @@ impl Metadata {
                     remove_manifest_if_unlinked(tx, m)?;
                 }
                 tx.execute("DELETE FROM repo_blobs WHERE digest = ?1", [&digest])?;
-                if enqueue_unreferenced(tx, std::slice::from_ref(&digest), now, "evicted")? > 0 {
+                if enqueue_unreferenced(tx, std::slice::from_ref(&digest), now, "evicted", None)? > 0 {
                     queued += 1;
                     freed += u64::try_from(size).unwrap_or(0);
                 }

@@ -116,7 +116,7 @@ fn expire(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<ExpiryReport, Me
     }
     candidates.sort();
     candidates.dedup();
-    report.blobs_to_delete = enqueue_unreferenced(tx, &candidates, now, "expired")?;
+    report.blobs_to_delete = enqueue_unreferenced(tx, &candidates, now, "expired", None)?;
     Ok(report)
 }
 
@@ -168,24 +168,44 @@ pub(super) fn remove_manifest_if_unlinked(
 }
 
 /// Turns every candidate blob that no repository links and no cached manifest names into
-/// a pending delete (I3). Returns how many were queued.
+/// a pending delete (I3). The delete switch is read from the applied settings in the same
+/// transaction: with deletes off the row waits as deferred, saying why. When `job` is
+/// given, the blobs are recorded as handed over by that job. Returns how many were queued.
 pub(super) fn enqueue_unreferenced(
     tx: &Transaction<'_>,
     candidates: &[String],
     now: i64,
     reason: &str,
+    job: Option<i64>,
 ) -> Result<u64, MetadataError> {
+    let deletes_off: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM settings WHERE key = 'storage.delete.enabled' AND value = 'false')",
+        [],
+        |r| r.get(0),
+    )?;
+    let (state, deferred_reason) = if deletes_off {
+        ("deferred", Some(super::DELETES_DISABLED_REASON))
+    } else {
+        ("pending", None)
+    };
     let mut stmt = tx.prepare_cached(
-        "INSERT INTO pending_deletes (digest, size_bytes, reason, state, next_attempt_at, created_at)
-         SELECT b.digest, b.size_bytes, ?3, 'pending', ?2, ?2 FROM blobs b
+        "INSERT INTO pending_deletes (digest, size_bytes, reason, state, next_attempt_at, deferred_reason, created_at)
+         SELECT b.digest, b.size_bytes, ?3, ?4, ?2, ?5, ?2 FROM blobs b
           WHERE b.digest = ?1
             AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)
             AND NOT EXISTS (SELECT 1 FROM manifest_refs mr WHERE mr.ref_digest = b.digest AND mr.kind = 'blob')
          ON CONFLICT (digest) DO NOTHING",
     )?;
+    let mut record = tx.prepare_cached(
+        "INSERT INTO job_deletes (job_id, digest)
+         SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM pending_deletes WHERE digest = ?2) ON CONFLICT DO NOTHING",
+    )?;
     let mut queued = 0;
     for digest in candidates {
-        queued += stmt.execute(params![digest, now, reason])? as u64;
+        queued += stmt.execute(params![digest, now, reason, state, deferred_reason])? as u64;
+        if let Some(job) = job {
+            record.execute(params![job, digest])?;
+        }
     }
     Ok(queued)
 }

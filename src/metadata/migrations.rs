@@ -12,6 +12,7 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "0002_expiry_and_deletes.sql",
         include_str!("../../schema/0002_expiry_and_deletes.sql"),
     ),
+    (3, "0003_jobs.sql", include_str!("../../schema/0003_jobs.sql")),
 ];
 
 /// Brings the database up to the newest schema; a database newer than this build is an

@@ -25,24 +25,45 @@ pub enum Use {
     Tag(RepoKey, String),
 }
 
+/// The id of `repo` for serving: `None` if never cached, an error while it is being
+/// deleted (it is no longer served).
 pub(super) fn repo_id(conn: &Connection, repo: &RepoKey) -> Result<Option<i64>, MetadataError> {
+    match repo_row(conn, repo)? {
+        Some((id, state)) if state == "active" => Ok(Some(id)),
+        Some(_) => Err(MetadataError::RepositoryBeingDeleted {
+            repo: repo.to_string(),
+        }),
+        None => Ok(None),
+    }
+}
+
+/// The id and state of `repo`, whatever its state.
+pub(super) fn repo_row(conn: &Connection, repo: &RepoKey) -> Result<Option<(i64, String)>, MetadataError> {
     Ok(conn
         .query_row(
-            "SELECT id FROM repositories WHERE upstream = ?1 AND name = ?2",
+            "SELECT id, state FROM repositories WHERE upstream = ?1 AND name = ?2",
             params![repo.upstream, repo.name],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?)
 }
 
+/// The id of `repo`, creating it; an error while it is being deleted, so nothing is
+/// cached into a repository on its way out.
 pub(super) fn ensure_repo(conn: &Connection, repo: &RepoKey, now: i64) -> Result<i64, MetadataError> {
-    Ok(conn.query_row(
+    let (id, state): (i64, String) = conn.query_row(
         "INSERT INTO repositories (upstream, name, created_at, last_used_at) VALUES (?1, ?2, ?3, ?3)
          ON CONFLICT (upstream, name) DO UPDATE SET last_used_at = max(last_used_at, excluded.last_used_at)
-         RETURNING id",
+         RETURNING id, state",
         params![repo.upstream, repo.name, now],
-        |r| r.get(0),
-    )?)
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if state != "active" {
+        return Err(MetadataError::RepositoryBeingDeleted {
+            repo: repo.to_string(),
+        });
+    }
+    Ok(id)
 }
 
 impl Metadata {

@@ -192,7 +192,7 @@ impl From<CacheError> for RegistryError {
             CacheError::ManifestUnknown { .. } => {
                 Self::new(ErrorCode::ManifestUnknown, StatusCode::NOT_FOUND, message)
             }
-            CacheError::NameUnknown { .. } => {
+            CacheError::NameUnknown { .. } | CacheError::RepositoryDeleting { .. } => {
                 Self::new(ErrorCode::NameUnknown, StatusCode::NOT_FOUND, message)
             }
             CacheError::DigestMismatch { .. } => {

@@ -9,8 +9,7 @@ use futures::StreamExt;
 
 /// Deletes claimed per round; one bulk request on S3 takes up to 1000.
 const CLAIM_BATCH: u32 = 256;
-/// Why deletes wait when they are off, as recorded on each deferred row.
-pub(crate) const DISABLED_REASON: &str = "storage.delete.enabled=false";
+pub(super) use crate::metadata::DELETES_DISABLED_REASON as DISABLED_REASON;
 
 pub(super) async fn run(s: Scheduler) {
     loop {
