@@ -92,10 +92,14 @@ impl Progress for Bar {
 pub(super) async fn scheduler_for(config: &Config) -> anyhow::Result<Scheduler> {
     let meta = open_metadata(config).await?;
     let store = crate::storage::build(&config.storage, &config.server.data_dir).context("opening storage")?;
+    let mut settings = SchedulerSettings::from_config(config);
+    // Deletes follow the switch the server applied (recorded in SQLite), not this
+    // process's config: a CLI run must not defer or perform what the server would not.
+    settings.deletes_enabled = meta.applied_settings().await?.delete_enabled;
     Ok(Scheduler {
         meta,
         store,
-        settings: SchedulerSettings::from_config(config),
+        settings,
         tmp_dir: Some(config.server.data_dir.join("tmp")),
         active: Arc::new(ActiveBlobs::default()),
         deletes_due: Arc::default(),

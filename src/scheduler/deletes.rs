@@ -9,6 +9,9 @@ use futures::StreamExt;
 
 /// Deletes claimed per round; one bulk request on S3 takes up to 1000.
 const CLAIM_BATCH: u32 = 256;
+/// Longest a part of a round may take before it counts as failed; well inside the claim
+/// lease, so no other worker can take the rows back while this one still might delete.
+const DELETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 pub(super) use crate::metadata::DELETES_DISABLED_REASON as DISABLED_REASON;
 
 pub(super) async fn run(s: Scheduler) {
@@ -47,7 +50,14 @@ pub async fn run_deletes_once(s: &Scheduler) -> Result<(u64, u64), MetadataError
         let parts: Vec<Vec<Digest>> = digests.chunks(chunk).map(<[Digest]>::to_vec).collect();
         let results: Vec<_> = futures::stream::iter(parts.into_iter().map(|part| {
             let store = s.store.clone();
-            async move { store.delete_many(&part).await }
+            async move {
+                match tokio::time::timeout(DELETE_TIMEOUT, store.delete_many(&part)).await {
+                    Ok(outcome) => outcome,
+                    // A store that never answers must not stall the queue: the part counts
+                    // as failed and is retried with backoff like any failure.
+                    Err(_) => (Vec::new(), part.iter().map(|d| (d.clone(), "storage delete timed out".to_owned())).collect()),
+                }
+            }
         }))
         .buffer_unordered(s.settings.delete_workers)
         .collect()
