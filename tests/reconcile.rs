@@ -336,44 +336,62 @@ async fn startup_reconciliation_repairs_storage_and_metadata() {
     assert!(blob_path(&dir, &missing.digest).exists());
 }
 
-/// `regcache fsck` run with deletes off beside a server that has them on: fsck honours
-/// its own switch and queues the orphan's delete as deferred. That delete must not be
-/// stranded (I3, the distribution 4249 failure): a server starting with deletes on runs
-/// every deferred delete, even though its own applied switch never changed.
+/// `regcache fsck` follows the delete switch the server applied (recorded in SQLite), not
+/// its own config: with the server's deletes on, an fsck whose file says "off" still
+/// deletes; with the server's deletes off, an fsck whose file says "on" only defers, and
+/// the server collects the deferred delete once it starts with deletes on.
 #[tokio::test]
-async fn orphan_deferred_by_fsck_with_deletes_off_is_deleted_by_the_server() {
+async fn fsck_follows_the_applied_delete_switch_not_its_own_config() {
     let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
     let mut app = TestApp::start(&upstream.url()).await;
     let dir = app.data_dir();
-    let orphan = Blob::random("fsck-deletes-off", 1024);
-    plant_orphan(&dir, &orphan);
-    let config = dir.join("fsck-deletes-off.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\ndata_dir = {:?}\n\n[storage]\nreconcile_grace = \"0\"\n\n[storage.delete]\nenabled = false\n",
-            dir.display().to_string()
-        ),
-    )
-    .unwrap();
+    let fsck_config = |name: &str, enabled: bool| {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\ndata_dir = {:?}\n\n[storage]\nreconcile_grace = \"0\"\n\n[storage.delete]\nenabled = {enabled}\n",
+                dir.display().to_string()
+            ),
+        )
+        .unwrap();
+        path
+    };
 
-    let report = fsck_json(&config, &[]).await;
+    // The server applied deletes = on; fsck's own "off" does not matter.
+    let first = Blob::random("fsck-applied-on", 1024);
+    plant_orphan(&dir, &first);
+    let report = fsck_json(&fsck_config("off.toml", false), &[]).await;
+    assert_report(
+        &report,
+        &[("orphan_objects", 1), ("orphans_queued", 1), ("blobs_deleted", 1)],
+    );
+    assert!(
+        !blob_path(&dir, &first.digest).exists(),
+        "deleted under the applied switch"
+    );
+
+    // The server applied deletes = off; fsck's own "on" only defers.
+    app.restart_with(|c| c.storage.delete.enabled = false).await;
+    let second = Blob::random("fsck-applied-off", 1024);
+    plant_orphan(&dir, &second);
+    let report = fsck_json(&fsck_config("on.toml", true), &[]).await;
     assert_report(
         &report,
         &[("orphan_objects", 1), ("orphans_queued", 1), ("blobs_deleted", 0)],
     );
     assert!(
-        blob_path(&dir, &orphan.digest).exists(),
-        "fsck with deletes off deletes nothing"
+        blob_path(&dir, &second.digest).exists(),
+        "nothing deleted while the server's deletes are off"
     );
     assert_eq!(
         app.count("SELECT count(*) FROM pending_deletes WHERE state = 'deferred'"),
         1
     );
 
-    app.restart_with(|_| {}).await;
+    app.restart_with(|c| c.storage.delete.enabled = true).await;
     wait_until_async("the server runs the deferred delete", DEADLINE, || async {
-        !blob_path(&dir, &orphan.digest).exists() && app.count("SELECT count(*) FROM pending_deletes") == 0
+        !blob_path(&dir, &second.digest).exists() && app.count("SELECT count(*) FROM pending_deletes") == 0
     })
     .await;
 }
