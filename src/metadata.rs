@@ -55,6 +55,17 @@ pub enum MetadataError {
 /// Why deletes wait when `storage.delete.enabled` is false, as recorded on deferred rows.
 pub const DELETES_DISABLED_REASON: &str = "storage.delete.enabled=false";
 
+/// `query_row` through the connection's statement cache: the hot lookups run thousands of
+/// times a second and need not be parsed again each time.
+pub(crate) fn row<T, P: rusqlite::Params>(
+    c: &rusqlite::Connection,
+    sql: &str,
+    params: P,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    c.prepare_cached(sql)?.query_row(params, f)
+}
+
 /// Current Unix time in seconds.
 pub fn now_secs() -> i64 {
     std::time::SystemTime::now()

@@ -27,11 +27,13 @@ impl Metadata {
     pub async fn blob_access(&self, repo: &RepoKey, digest: &str) -> Result<BlobAccess, MetadataError> {
         let (repo, digest) = (repo.clone(), digest.to_owned());
         self.read(move |c| {
-            let Some(size) = c
-                .query_row("SELECT size_bytes FROM blobs WHERE digest = ?1", [&digest], |r| {
-                    r.get::<_, i64>(0)
-                })
-                .optional()?
+            let Some(size) = super::row(
+                c,
+                "SELECT size_bytes FROM blobs WHERE digest = ?1",
+                [&digest],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
             else {
                 return Ok(BlobAccess::Unknown);
             };
@@ -39,7 +41,8 @@ impl Metadata {
             let Some(id) = repo_id(c, &repo)? else {
                 return Ok(BlobAccess::Elsewhere { size });
             };
-            let linked: bool = c.query_row(
+            let linked: bool = super::row(
+                c,
                 "SELECT EXISTS (SELECT 1 FROM repo_blobs WHERE repo_id = ?1 AND digest = ?2)",
                 params![id, digest],
                 |r| r.get(0),
@@ -47,7 +50,8 @@ impl Metadata {
             if linked {
                 return Ok(BlobAccess::Linked { size });
             }
-            let referenced: bool = c.query_row(
+            let referenced: bool = super::row(
+                c,
                 "SELECT EXISTS (SELECT 1 FROM manifest_refs mr
                    JOIN repo_manifests rm ON rm.digest = mr.manifest_digest
                   WHERE rm.repo_id = ?1 AND mr.ref_digest = ?2 AND mr.kind = 'blob')",

@@ -32,7 +32,8 @@ pub(super) fn manifest_by_digest(
     c: &Connection,
     digest: &str,
 ) -> Result<Option<ManifestRecord>, MetadataError> {
-    Ok(c.query_row(
+    Ok(super::row(
+        c,
         "SELECT media_type, body FROM manifests WHERE digest = ?1",
         [digest],
         |r| {
@@ -58,7 +59,8 @@ impl Metadata {
             let Some(id) = repo_id(c, &repo)? else {
                 return Ok(None);
             };
-            let linked: bool = c.query_row(
+            let linked: bool = super::row(
+                c,
                 "SELECT EXISTS (SELECT 1 FROM repo_manifests WHERE repo_id = ?1 AND digest = ?2)",
                 params![id, digest],
                 |r| r.get(0),
@@ -145,7 +147,8 @@ impl Metadata {
     pub async fn manifest_created(&self, digest: &str) -> Result<Option<i64>, MetadataError> {
         let digest = digest.to_owned();
         self.read(move |c| {
-            Ok(c.query_row(
+            Ok(super::row(
+                c,
                 "SELECT created FROM manifests WHERE digest = ?1",
                 [&digest],
                 |r| r.get(0),

@@ -39,19 +39,20 @@ pub(super) fn repo_id(conn: &Connection, repo: &RepoKey) -> Result<Option<i64>, 
 
 /// The id and state of `repo`, whatever its state.
 pub(super) fn repo_row(conn: &Connection, repo: &RepoKey) -> Result<Option<(i64, String)>, MetadataError> {
-    Ok(conn
-        .query_row(
-            "SELECT id, state FROM repositories WHERE upstream = ?1 AND name = ?2",
-            params![repo.upstream, repo.name],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?)
+    Ok(super::row(
+        conn,
+        "SELECT id, state FROM repositories WHERE upstream = ?1 AND name = ?2",
+        params![repo.upstream, repo.name],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()?)
 }
 
 /// The id of `repo`, creating it; an error while it is being deleted, so nothing is
 /// cached into a repository on its way out.
 pub(super) fn ensure_repo(conn: &Connection, repo: &RepoKey, now: i64) -> Result<i64, MetadataError> {
-    let (id, state): (i64, String) = conn.query_row(
+    let (id, state): (i64, String) = super::row(
+        conn,
         "INSERT INTO repositories (upstream, name, created_at, last_used_at) VALUES (?1, ?2, ?3, ?3)
          ON CONFLICT (upstream, name) DO UPDATE SET last_used_at = max(last_used_at, excluded.last_used_at)
          RETURNING id, state",

@@ -27,13 +27,13 @@ impl Metadata {
             let Some(id) = repo_id(c, &repo)? else {
                 return Ok(None);
             };
-            let digest: Option<String> = c
-                .query_row(
-                    "SELECT digest FROM tags WHERE repo_id = ?1 AND name = ?2",
-                    params![id, tag],
-                    |r| r.get(0),
-                )
-                .optional()?;
+            let digest: Option<String> = super::row(
+                c,
+                "SELECT digest FROM tags WHERE repo_id = ?1 AND name = ?2",
+                params![id, tag],
+                |r| r.get(0),
+            )
+            .optional()?;
             match digest {
                 Some(d) => Ok(manifest_by_digest(c, &d)?.map(|manifest| TagRecord { manifest })),
                 None => Ok(None),
@@ -52,8 +52,8 @@ impl Metadata {
             };
             let mut stmt = c.prepare("SELECT name FROM tags WHERE repo_id = ?1")?;
             let mut names: Vec<String> = stmt.query_map([id], |r| r.get(0))?.collect::<Result<_, _>>()?;
-            let listed: Option<String> = c
-                .query_row("SELECT names FROM tag_lists WHERE repo_id = ?1", [id], |r| {
+            let listed: Option<String> =
+                super::row(c, "SELECT names FROM tag_lists WHERE repo_id = ?1", [id], |r| {
                     r.get(0)
                 })
                 .optional()?;
@@ -99,7 +99,8 @@ impl Metadata {
             let Some(id) = repo_id(c, &repo)? else {
                 return Ok(None);
             };
-            Ok(c.query_row(
+            Ok(super::row(
+                c,
                 "SELECT media_type, body, filters_applied FROM referrers
                   WHERE repo_id = ?1 AND digest = ?2 AND artifact_type = ?3",
                 params![id, digest, artifact_type],
