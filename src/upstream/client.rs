@@ -331,7 +331,13 @@ impl Upstream {
         }
         let mut url = self.url(&format!("/v2/{repo}/tags/list?n={TAG_PAGE_SIZE}"))?;
         let mut names = Vec::new();
-        for _ in 0..TAG_PAGES_MAX {
+        for page in 0..TAG_PAGES_MAX {
+            if page + 1 == TAG_PAGES_MAX {
+                tracing::warn!(
+                    upstream = %self.name, repo.name = %repo, pages_max = TAG_PAGES_MAX,
+                    "tag list has more pages than regcache follows; listing the first ones"
+                );
+            }
             let resp = self
                 .checked(self.send(Method::GET, url.clone(), repo, None).await?)
                 .await?;
