@@ -47,8 +47,9 @@ pub struct HandedBlobs {
     pub rescued: u64,
 }
 
-/// Removes up to `limit` of each kind of row of repository `id` (all when `None`), hands
-/// unreferenced blobs to the deletion pipeline on behalf of `job`.
+/// Removes up to `limit` of each kind of row of repository `id` (all when `None`; manifest
+/// links only once no tag is left), hands unreferenced blobs to the deletion pipeline on
+/// behalf of `job`.
 fn unlink_repo(
     tx: &Transaction<'_>,
     id: i64,
@@ -61,12 +62,20 @@ fn unlink_repo(
         "DELETE FROM tags WHERE (repo_id, name) IN (SELECT repo_id, name FROM tags WHERE repo_id = ?1 LIMIT ?2)",
         params![id, limit],
     )? as u64;
+    // Tags name manifests (a foreign key), so a batch unlinks manifests only once no tag of
+    // the repository is left; otherwise it would remove a manifest a remaining tag names.
+    let tags_left: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM tags WHERE repo_id = ?1)",
+        [id],
+        |r| r.get(0),
+    )?;
+    let manifest_limit = if tags_left { 0 } else { limit };
     let manifests: Vec<String> = {
         let mut stmt = tx.prepare_cached(
             "DELETE FROM repo_manifests WHERE (repo_id, digest) IN (
                 SELECT repo_id, digest FROM repo_manifests WHERE repo_id = ?1 LIMIT ?2) RETURNING digest",
         )?;
-        let rows = stmt.query_map(params![id, limit], |r| r.get(0))?;
+        let rows = stmt.query_map(params![id, manifest_limit], |r| r.get(0))?;
         rows.collect::<Result<_, _>>()?
     };
     let mut candidates: Vec<String> = {
