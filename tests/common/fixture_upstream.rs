@@ -1190,3 +1190,56 @@ impl AsyncWrite for KillableStream {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+impl FixtureUpstream {
+    /// Serves every tagged manifest of the OCI image layout at `dir` (index.json with
+    /// `org.opencontainers.image.ref.name` annotations, blobs/sha256/...) under `repo`:
+    /// manifests, indexes and their children, configs and layers.
+    pub fn add_oci_layout(&self, repo: &str, dir: &std::path::Path) {
+        let read = |digest: &str| -> bytes::Bytes {
+            let hex = digest.trim_start_matches("sha256:");
+            let path = dir.join("blobs/sha256").join(hex);
+            bytes::Bytes::from(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        };
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("index.json")).expect("index.json"))
+                .expect("index.json is JSON");
+        let mut stack: Vec<(serde_json::Value, Option<String>)> = index["manifests"]
+            .as_array()
+            .expect("index.json lists manifests")
+            .iter()
+            .map(|d| {
+                let tag = d["annotations"][super::images::REF_NAME_ANNOTATION]
+                    .as_str()
+                    .map(str::to_owned);
+                (d.clone(), tag)
+            })
+            .collect();
+        while let Some((desc, tag)) = stack.pop() {
+            let digest = desc["digest"].as_str().expect("descriptor digest").to_owned();
+            let media_type = desc["mediaType"]
+                .as_str()
+                .expect("descriptor mediaType")
+                .to_owned();
+            let body = read(&digest);
+            let manifest: serde_json::Value = serde_json::from_slice(&body).expect("manifest is JSON");
+            self.add_manifest(repo, Blob::new(&media_type, body));
+            if let Some(tag) = tag {
+                self.set_tag(repo, &tag, &digest);
+            }
+            for child in manifest["manifests"].as_array().into_iter().flatten() {
+                stack.push((child.clone(), None));
+            }
+            for blob in manifest["layers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .chain(manifest.get("config"))
+            {
+                let d = blob["digest"].as_str().expect("blob digest");
+                let mt = blob["mediaType"].as_str().unwrap_or("application/octet-stream");
+                self.add_blob(repo, Blob::new(mt, read(d)));
+            }
+        }
+    }
+}
