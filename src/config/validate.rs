@@ -1,0 +1,274 @@
+//! Validation of a loaded configuration: every error names the key at fault. Secrets
+//! given as files are read here.
+
+use super::load::{invalid, ConfigError};
+use super::{Backend, Config, Secret, UpstreamConfig, DOCKER_HUB_URL};
+use std::net::SocketAddr;
+use std::path::Path;
+
+pub(super) fn validate(config: &mut Config) -> Result<(), ConfigError> {
+    config.server.listen.parse::<SocketAddr>().map_err(|e| {
+        invalid(
+            "server.listen",
+            format!("{:?} is not host:port ({e})", config.server.listen),
+        )
+    })?;
+    if config.server.data_dir.as_os_str().is_empty() {
+        return Err(invalid("server.data_dir", "must not be empty"));
+    }
+    for (key, d) in [
+        ("proxy.connect_timeout", config.proxy.connect_timeout),
+        ("proxy.read_timeout", config.proxy.read_timeout),
+        ("proxy.revalidate_timeout", config.proxy.revalidate_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(invalid(key, "must be greater than 0"));
+        }
+    }
+    if !matches!(config.log.format.as_str(), "text" | "json") {
+        return Err(invalid(
+            "log.format",
+            format!("{:?} is not \"text\" or \"json\"", config.log.format),
+        ));
+    }
+    validate_storage(config)?;
+    validate_admin(config)?;
+    validate_jobs(config)?;
+    validate_upstreams(&mut config.upstream)
+}
+
+fn validate_admin(config: &mut Config) -> Result<(), ConfigError> {
+    let a = &mut config.admin;
+    if let Some(listen) = &a.listen {
+        listen
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("admin.listen", format!("{listen:?} is not host:port ({e})")))?;
+    }
+    if a.token.is_some() && a.token_file.is_some() {
+        return Err(invalid(
+            "admin.token_file",
+            "set either token or token_file, not both",
+        ));
+    }
+    if let Some(path) = &a.token_file {
+        a.token = Some(read_secret("admin.token_file", path)?);
+    }
+    if a.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+        return Err(invalid("admin.token", "must be at least 16 characters"));
+    }
+    Ok(())
+}
+
+fn validate_jobs(config: &mut Config) -> Result<(), ConfigError> {
+    let j = &config.jobs;
+    for (key, n) in [
+        ("jobs.workers", j.workers),
+        ("jobs.delete_workers", j.delete_workers),
+    ] {
+        if n == 0 || n > 64 {
+            return Err(invalid(key, "must be between 1 and 64"));
+        }
+    }
+    if j.max_attempts == 0 {
+        return Err(invalid("jobs.max_attempts", "must be at least 1"));
+    }
+    if j.delete_batch == 0 || j.delete_batch > 100_000 {
+        return Err(invalid("jobs.delete_batch", "must be between 1 and 100000"));
+    }
+    for (key, d) in [
+        ("jobs.retry_initial", j.retry_initial),
+        ("jobs.max_run_time", j.max_run_time),
+        ("jobs.stale_after", j.stale_after),
+        ("jobs.sweep_interval", j.sweep_interval),
+    ] {
+        if d.is_zero() {
+            return Err(invalid(key, "must be greater than 0"));
+        }
+    }
+    if j.retry_max < j.retry_initial {
+        return Err(invalid(
+            "jobs.retry_max",
+            "must not be shorter than retry_initial",
+        ));
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, p) in config.cleanup.policy.iter_mut().enumerate() {
+        let key = |field: &str| format!("cleanup.policy[{i}].{field}");
+        if p.name.is_empty() {
+            p.name = format!("policy-{i}");
+        }
+        if !names.insert(p.name.clone()) {
+            return Err(invalid(
+                key("name"),
+                format!("{:?} is used by two policies", p.name),
+            ));
+        }
+        crate::glob::Glob::new(&p.repositories).map_err(|e| invalid(key("repositories"), e))?;
+        regex::Regex::new(&p.name_regex_delete)
+            .map_err(|e| invalid(key("name_regex_delete"), e.to_string()))?;
+        if let Some(keep) = &p.name_regex_keep {
+            regex::Regex::new(keep).map_err(|e| invalid(key("name_regex_keep"), e.to_string()))?;
+        }
+        if p.cadence.is_zero() {
+            return Err(invalid(key("cadence"), "must be greater than 0"));
+        }
+    }
+    Ok(())
+}
+
+fn validate_storage(config: &mut Config) -> Result<(), ConfigError> {
+    let d = &config.storage.delete;
+    if d.workers == 0 || d.workers > 256 {
+        return Err(invalid("storage.delete.workers", "must be between 1 and 256"));
+    }
+    if d.retry_initial.is_zero() {
+        return Err(invalid("storage.delete.retry_initial", "must be greater than 0"));
+    }
+    if d.retry_max < d.retry_initial {
+        return Err(invalid(
+            "storage.delete.retry_max",
+            "must not be shorter than retry_initial",
+        ));
+    }
+    if !(1..=99).contains(&config.storage.low_watermark_percent) {
+        return Err(invalid(
+            "storage.low_watermark_percent",
+            "must be between 1 and 99",
+        ));
+    }
+    if config.storage.max_size.is_some_and(|m| m.as_u64() == 0) {
+        return Err(invalid(
+            "storage.max_size",
+            "must be greater than 0 (leave it out for no bound)",
+        ));
+    }
+    match config.storage.backend {
+        Backend::S3 => {
+            let s3 = config.storage.s3.as_mut().ok_or_else(|| {
+                invalid(
+                    "storage.s3",
+                    "backend \"s3\" needs a [storage.s3] table with a bucket",
+                )
+            })?;
+            if s3.bucket.is_empty() {
+                return Err(invalid("storage.s3.bucket", "must not be empty"));
+            }
+            if let Some(endpoint) = &s3.endpoint {
+                check_url("storage.s3.endpoint", endpoint)?;
+            }
+            if s3.secret_access_key.is_some() && s3.secret_access_key_file.is_some() {
+                return Err(invalid(
+                    "storage.s3.secret_access_key_file",
+                    "set either secret_access_key or secret_access_key_file, not both",
+                ));
+            }
+            if let Some(path) = &s3.secret_access_key_file {
+                s3.secret_access_key = Some(read_secret("storage.s3.secret_access_key_file", path)?);
+            }
+            check_prefix("storage.s3.prefix", &s3.prefix)?;
+        }
+        Backend::Gcs => {
+            let gcs = config.storage.gcs.as_ref().ok_or_else(|| {
+                invalid(
+                    "storage.gcs",
+                    "backend \"gcs\" needs a [storage.gcs] table with a bucket",
+                )
+            })?;
+            if gcs.bucket.is_empty() {
+                return Err(invalid("storage.gcs.bucket", "must not be empty"));
+            }
+            if let Some(url) = &gcs.base_url {
+                check_url("storage.gcs.base_url", url)?;
+            }
+            if gcs.service_account_path.is_some() && gcs.service_account_key.is_some() {
+                return Err(invalid(
+                    "storage.gcs.service_account_key",
+                    "set either service_account_path or service_account_key, not both",
+                ));
+            }
+            check_prefix("storage.gcs.prefix", &gcs.prefix)?;
+        }
+        Backend::Filesystem | Backend::Memory => {}
+    }
+    Ok(())
+}
+
+fn check_prefix(key: &str, prefix: &str) -> Result<(), ConfigError> {
+    if prefix.starts_with('/') || prefix.contains("//") || prefix.split('/').any(|s| s == "." || s == "..") {
+        return Err(invalid(
+            key,
+            format!("{prefix:?} must be a relative path without '.', '..' or empty segments"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_upstreams(upstreams: &mut Vec<UpstreamConfig>) -> Result<(), ConfigError> {
+    if upstreams.is_empty() {
+        upstreams.push(UpstreamConfig {
+            name: "docker.io".into(),
+            url: DOCKER_HUB_URL.into(),
+            default: true,
+            username: None,
+            password: None,
+            password_file: None,
+            ttl: None,
+        });
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, u) in upstreams.iter_mut().enumerate() {
+        let key = |field: &str| format!("upstream[{i}].{field}");
+        if !crate::oci::RepoName::is_component(&u.name) {
+            return Err(invalid(key("name"), format!("{:?} must be lowercase letters, digits and '.', '_' or '-' separators (it is used as a path prefix)", u.name)));
+        }
+        if !names.insert(u.name.clone()) {
+            return Err(invalid(
+                key("name"),
+                format!("{:?} is used by two upstreams", u.name),
+            ));
+        }
+        check_url(&key("url"), &u.url)?;
+        u.url = u.url.trim_end_matches('/').to_owned();
+        if u.password.is_some() && u.password_file.is_some() {
+            return Err(invalid(
+                key("password_file"),
+                "set either password or password_file, not both",
+            ));
+        }
+        if let Some(path) = &u.password_file {
+            u.password = Some(read_secret(&key("password_file"), path)?);
+        }
+        if u.password.is_some() && u.username.is_none() {
+            return Err(invalid(key("username"), "a password needs a username"));
+        }
+    }
+    match upstreams.iter().filter(|u| u.default).count() {
+        0 if upstreams.len() == 1 => upstreams[0].default = true,
+        0 | 1 => {}
+        _ => {
+            let i = upstreams.iter().rposition(|u| u.default).unwrap_or_default();
+            return Err(invalid(
+                format!("upstream[{i}].default"),
+                "only one upstream may be the default",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_url(key: &str, raw: &str) -> Result<(), ConfigError> {
+    let url = url::Url::parse(raw).map_err(|e| invalid(key, format!("{raw:?} is not a URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(invalid(
+            key,
+            format!("{raw:?} must be an http:// or https:// URL with a host"),
+        ));
+    }
+    Ok(())
+}
+
+fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    Ok(Secret::new(text.trim_end_matches(['\r', '\n'])))
+}
