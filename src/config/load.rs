@@ -120,6 +120,7 @@ fn from_figment(err: figment::Error) -> ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DOCKER_HUB_URL;
     use std::io::Write;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
