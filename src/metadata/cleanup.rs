@@ -113,8 +113,10 @@ impl Metadata {
             }
             let mut freed = Vec::new();
             for (name, digest) in tags {
+                // Uses are recorded in whole seconds: one in the second of the evaluation may
+                // have come after it, so it counts as a pull since evaluation.
                 let n = tx.execute(
-                    "DELETE FROM tags WHERE repo_id = ?1 AND name = ?2 AND digest = ?3 AND last_used_at <= ?4",
+                    "DELETE FROM tags WHERE repo_id = ?1 AND name = ?2 AND digest = ?3 AND last_used_at < ?4",
                     params![id, name, digest, evaluated_at],
                 )?;
                 if n > 0 {
