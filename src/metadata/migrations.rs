@@ -13,6 +13,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../schema/0002_expiry_and_deletes.sql"),
     ),
     (3, "0003_jobs.sql", include_str!("../../schema/0003_jobs.sql")),
+    (
+        4,
+        "0004_tags_by_manifest.sql",
+        include_str!("../../schema/0004_tags_by_manifest.sql"),
+    ),
 ];
 
 /// Brings the database up to the newest schema; a database newer than this build is an
