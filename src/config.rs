@@ -6,6 +6,7 @@ mod duration;
 mod load;
 mod secret;
 mod size;
+mod validate;
 
 pub use duration::Duration;
 pub use load::{load, ConfigError};

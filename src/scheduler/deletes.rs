@@ -55,7 +55,12 @@ pub async fn run_deletes_once(s: &Scheduler) -> Result<(u64, u64), MetadataError
                     Ok(outcome) => outcome,
                     // A store that never answers must not stall the queue: the part counts
                     // as failed and is retried with backoff like any failure.
-                    Err(_) => (Vec::new(), part.iter().map(|d| (d.clone(), "storage delete timed out".to_owned())).collect()),
+                    Err(_) => (
+                        Vec::new(),
+                        part.iter()
+                            .map(|d| (d.clone(), "storage delete timed out".to_owned()))
+                            .collect(),
+                    ),
                 }
             }
         }))
