@@ -106,19 +106,18 @@ fn read_ahead(mut file: std::fs::File, range: Range<u64>) -> BlobBody {
         }
         let mut left = range.end.saturating_sub(range.start);
         while left > 0 {
-            let want = usize::try_from(left).unwrap_or(usize::MAX).min(LOCAL_READ_BYTES);
-            let mut buf = bytes::BytesMut::zeroed(want);
-            let chunk = match file.read(&mut buf) {
+            let want = left.min(LOCAL_READ_BYTES as u64);
+            // read_to_end fills the spare capacity without zeroing it first.
+            let mut buf = Vec::with_capacity(want as usize);
+            let chunk = match (&mut file).take(want).read_to_end(&mut buf) {
                 Ok(0) => Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     "blob file is shorter than its size",
                 )),
                 Ok(n) => {
-                    buf.truncate(n);
                     left -= n as u64;
-                    Ok(buf.freeze())
+                    Ok(Bytes::from(buf))
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => Err(e),
             };
             let failed = chunk.is_err();
