@@ -58,13 +58,25 @@ impl BlobStore {
         let upload = self.store.put_multipart(&key).await?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
         let mut buf = vec![0u8; PART_BYTES];
-        loop {
-            let n = read_full(&mut file, &mut buf).await.map_err(io(tmp))?;
-            if n == 0 {
-                break;
+        let sent = async {
+            loop {
+                let n = read_full(&mut file, &mut buf).await.map_err(io(tmp))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                writer.wait_for_capacity(PARTS_IN_FLIGHT).await?;
+                writer.write(&buf[..n]);
             }
-            writer.wait_for_capacity(PARTS_IN_FLIGHT).await?;
-            writer.write(&buf[..n]);
+        }
+        .await;
+        if let Err(e) = sent {
+            // Dropped, the upload would stay open on S3 and GCS, its parts kept (and
+            // billed) with no key for reconciliation to find (I2). `finish` aborts on its
+            // own failures; these are ours.
+            if let Err(abort) = writer.abort().await {
+                tracing::warn!(object.key = %key, error = %abort, "could not abort a failed multipart upload");
+            }
+            return Err(e);
         }
         writer.finish().await?;
         Ok(())
