@@ -201,3 +201,42 @@ pub fn init_logging() {
         .with_test_writer()
         .try_init();
 }
+
+impl TestApp {
+    /// Starts regcache with its blobs in `store` (for instance a `FailingStore`) instead of
+    /// the configured backend; blobs then go through object_store put/get.
+    pub async fn start_with_store(
+        config: Config,
+        store: std::sync::Arc<dyn object_store::ObjectStore>,
+        dir: Option<tempfile::TempDir>,
+    ) -> TestApp {
+        init_logging();
+        let server = regcache::server::start_with_store(config.clone(), Some(store))
+            .await
+            .expect("regcache starts");
+        let base = format!("http://{}", server.addr());
+        TestApp {
+            server: Some(server),
+            config,
+            base,
+            client: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    /// `restart_with` for an app started by `start_with_store`: stops it gracefully and
+    /// starts it again on the same data dir with `store` (pass the same one) injected.
+    pub async fn restart_with_store(
+        &mut self,
+        store: std::sync::Arc<dyn object_store::ObjectStore>,
+        tweak: impl FnOnce(&mut Config),
+    ) {
+        self.stop().await;
+        tweak(&mut self.config);
+        let server = regcache::server::start_with_store(self.config.clone(), Some(store))
+            .await
+            .expect("regcache restarts");
+        self.base = format!("http://{}", server.addr());
+        self.server = Some(server);
+    }
+}

@@ -11,6 +11,7 @@
 pub mod app;
 pub mod containerd;
 pub mod external;
+pub mod failing_store;
 pub mod fixture_upstream;
 pub mod images;
 

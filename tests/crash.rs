@@ -1,0 +1,735 @@
+//! Crashes (I2, I3): the regcache binary is killed with SIGKILL in the middle of a large
+//! pull and in the middle of a deletion batch, then started again on the same data
+//! directory. After the restart and one reconciliation, storage and SQLite agree exactly
+//! (every object under `store/blobs` has its `blobs` row and every row its object, no
+//! temporary file, no write intent, no pending delete) and every image still pulls
+//! correctly. A crash between writing an object and committing its row is reproduced
+//! in-process, where a store that hangs after the write pins the window down.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::app::{config_for, ok_bytes, TestApp};
+use common::external::free_port;
+use common::failing_store::FailingStore;
+use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
+use common::images::{sha256_digest, Image, ACCEPT_ALL_MANIFESTS};
+use common::wait_until_async;
+use futures::StreamExt;
+use object_store::path::Path as ObjectPath;
+use regcache::config::Duration as CfgDuration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_regcache");
+/// Bound on every wait: start-up, background work, a pull.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+// ----- the regcache binary ----------------------------------------------------------------
+
+/// What differs between the runs of one test.
+struct Settings<'a> {
+    upstream: &'a str,
+    /// `proxy.ttl`, which the default upstream "short" uses.
+    ttl: &'a str,
+    reconcile_grace: &'a str,
+}
+
+/// `regcache serve` started by this test; killed (SIGKILL, by its PID) on drop.
+struct Regcache {
+    child: Option<Child>,
+    base: String,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl Regcache {
+    /// Writes a config for `data_dir` (upstreams "short", the default, with `ttl`, and
+    /// "long" with ttl 1h, both the fixture) on a free port, starts the binary and waits
+    /// until `/v2/` answers.
+    async fn start(dir: &Path, data_dir: &Path, s: &Settings<'_>) -> Regcache {
+        let mut last = String::new();
+        for attempt in 0..3 {
+            let port = free_port();
+            let config = dir.join("regcache.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nshutdown_grace = \"5s\"\n\
+                     [storage]\nreconcile_grace = \"{}\"\n\
+                     [storage.delete]\nretry_initial = \"1s\"\nretry_max = \"2s\"\n\
+                     [proxy]\nttl = \"{}\"\nread_timeout = \"10s\"\n\
+                     [log]\nformat = \"json\"\nlevel = \"info\"\n\
+                     [[upstream]]\nname = \"short\"\nurl = \"{}\"\ndefault = true\n\
+                     [[upstream]]\nname = \"long\"\nurl = \"{}\"\nttl = \"1h\"\n",
+                    data_dir.display(),
+                    s.reconcile_grace,
+                    s.ttl,
+                    s.upstream,
+                    s.upstream
+                ),
+            )
+            .expect("writing the config");
+            let log = dir.join(format!("regcache-{}-{attempt}.log", ulid_like()));
+            let out = std::fs::File::create(&log).expect("log file");
+            let child = Command::new(BIN)
+                .args(["serve", "--config"])
+                .arg(&config)
+                .env_clear()
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().expect("log handle"))
+                .stderr(out)
+                .spawn()
+                .expect("spawning regcache serve");
+            let mut server = Regcache {
+                child: Some(child),
+                base: format!("http://127.0.0.1:{port}"),
+                config,
+                log,
+            };
+            match server.wait_ready().await {
+                Ok(()) => return server,
+                Err(log) if log.contains("in use") => last = log,
+                Err(log) => panic!("regcache did not start:\n{log}"),
+            }
+        }
+        panic!("regcache found no free port: {last}")
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .expect("client");
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let child = self.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return Err(format!("exited with {status}:\n{}", self.log()));
+            }
+            if let Ok(resp) = client.get(format!("{}/v2/", self.base)).send().await {
+                if resp.status().is_success() {
+                    return Ok(());
+                }
+            }
+            assert!(Instant::now() < end, "regcache not ready:\n{}", self.log());
+            tokio::time::sleep(common::POLL_INTERVAL).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL (what `Child::kill` sends on Unix) and reap.
+    fn sigkill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL regcache");
+            let status = child.wait().expect("reaping regcache");
+            assert!(!status.success(), "killed, not exited: {status:?}");
+        }
+    }
+
+    /// SIGTERM and wait for the clean exit.
+    async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let term = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(term.success());
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                assert!(
+                    status.success(),
+                    "clean exit on SIGTERM: {status:?}\n{}",
+                    self.log()
+                );
+                return;
+            }
+            if Instant::now() > end {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("regcache did not stop on SIGTERM:\n{}", self.log());
+            }
+            tokio::time::sleep(common::POLL_INTERVAL).await;
+        }
+    }
+
+    /// `regcache fsck --json` beside this server, on its data directory.
+    async fn fsck(&self) -> serde_json::Value {
+        let out = tokio::process::Command::new(BIN)
+            .args(["fsck", "--json", "--config"])
+            .arg(&self.config)
+            .env_clear()
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("running regcache fsck");
+        assert!(
+            out.status.success(),
+            "fsck: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("fsck --json prints JSON")
+    }
+}
+
+impl Drop for Regcache {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A unique-enough suffix for log file names.
+fn ulid_like() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_nanos()
+}
+
+// ----- what is stored and recorded ------------------------------------------------------
+
+fn db(data_dir: &Path) -> rusqlite::Connection {
+    rusqlite::Connection::open_with_flags(
+        data_dir.join("regcache.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open regcache.db read-only")
+}
+
+fn count(data_dir: &Path, sql: &str) -> i64 {
+    db(data_dir).query_row(sql, [], |r| r.get(0)).expect(sql)
+}
+
+fn blob_rows(data_dir: &Path) -> BTreeSet<String> {
+    let db = db(data_dir);
+    let mut stmt = db.prepare("SELECT digest FROM blobs").expect("prepare");
+    let rows = stmt.query_map([], |r| r.get(0)).expect("query blobs");
+    rows.collect::<Result<_, _>>().expect("blob rows")
+}
+
+/// Every file under `store/`, as the digest its key names (`blobs/sha256/<2>/<64>`), or
+/// the bare relative path for anything else (which then matches no row).
+fn stored_objects(data_dir: &Path) -> BTreeSet<String> {
+    let root = data_dir.join("store");
+    let mut out = BTreeSet::new();
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let rel = path
+                .strip_prefix(&root)
+                .expect("under the store")
+                .to_string_lossy()
+                .into_owned();
+            let parts: Vec<&str> = rel.split('/').collect();
+            match parts.as_slice() {
+                ["blobs", "sha256", shard, hex] if hex.len() == 64 && hex.starts_with(shard) => {
+                    out.insert(format!("sha256:{hex}"));
+                }
+                _ => {
+                    out.insert(rel);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Where the filesystem backend keeps the object of `digest`.
+fn object_file(data_dir: &Path, digest: &str) -> PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    data_dir.join("store/blobs/sha256").join(&hex[..2]).join(hex)
+}
+
+fn tmp_files(data_dir: &Path) -> Vec<String> {
+    std::fs::read_dir(data_dir.join("tmp")).map_or_else(
+        |_| Vec::new(),
+        |d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        },
+    )
+}
+
+/// Why storage and metadata do not agree exactly yet, or `None` when they do.
+fn disagreement(data_dir: &Path) -> Option<String> {
+    let objects = stored_objects(data_dir);
+    let rows = blob_rows(data_dir);
+    let mut why = Vec::new();
+    let orphans: Vec<_> = objects.difference(&rows).collect();
+    if !orphans.is_empty() {
+        why.push(format!("{} objects without a row: {orphans:?}", orphans.len()));
+    }
+    let ghosts: Vec<_> = rows.difference(&objects).collect();
+    if !ghosts.is_empty() {
+        why.push(format!("{} rows without an object: {ghosts:?}", ghosts.len()));
+    }
+    let tmp = tmp_files(data_dir);
+    if !tmp.is_empty() {
+        why.push(format!("temporary files left: {tmp:?}"));
+    }
+    for table in ["write_intents", "pending_deletes"] {
+        let n = count(data_dir, &format!("SELECT count(*) FROM {table}"));
+        if n > 0 {
+            why.push(format!("{n} rows in {table}"));
+        }
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
+async fn wait_for_agreement(data_dir: &Path, server: &Regcache) {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let Some(why) = disagreement(data_dir) else {
+            return;
+        };
+        assert!(
+            Instant::now() < end,
+            "storage and SQLite still disagree after {DEADLINE:?}: {why}\nserver log:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(common::POLL_INTERVAL).await;
+    }
+}
+
+/// fsck beside the settled server finds nothing to repair and nothing fails.
+fn assert_fsck_clean(report: &serde_json::Value) {
+    for key in [
+        "orphan_objects",
+        "orphans_too_young",
+        "missing_objects",
+        "rows_repaired",
+        "deletes_failed",
+    ] {
+        assert_eq!(report[key], 0, "fsck {key}: {report:#}");
+    }
+}
+
+// ----- pulling ------------------------------------------------------------------------------
+
+/// Pulls `image` from `base` under `repo` (manifest by tag `v1`, then every blob, `parallel`
+/// at a time) and checks every byte by sha256.
+async fn pull(client: &reqwest::Client, base: &str, repo: &str, image: &Image, parallel: usize) {
+    let resp = client
+        .get(format!("{base}/v2/{repo}/manifests/v1"))
+        .header(reqwest::header::ACCEPT, ACCEPT_ALL_MANIFESTS)
+        .send()
+        .await
+        .expect("manifest request");
+    assert_eq!(ok_bytes(resp).await, image.manifest.bytes, "manifest of {repo}");
+    let blobs: Vec<_> = image.blobs().collect();
+    futures::stream::iter(blobs)
+        .for_each_concurrent(parallel, |blob| async move {
+            let resp = client
+                .get(format!("{base}/v2/{repo}/blobs/{}", blob.digest))
+                .send()
+                .await
+                .expect("blob request");
+            let body = ok_bytes(resp).await;
+            assert_eq!(sha256_digest(&body), blob.digest, "blob of {repo} is intact");
+        })
+        .await;
+}
+
+// ----- the tests ----------------------------------------------------------------------------
+
+/// Size of the blob being pulled when the server dies.
+const BIG: usize = 32 * 1024 * 1024;
+
+#[tokio::test]
+async fn sigkill_in_the_middle_of_a_large_pull() {
+    let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
+    let small = Image::new("crash-pull-small", &[2_000, 300_000], "2024-03-01T00:00:00Z");
+    let big = Image::new("crash-pull-big", &[BIG], "2024-03-02T00:00:00Z");
+    upstream.add_image("team/small", Some("v1"), &small);
+    upstream.add_image("team/big", Some("v1"), &big);
+    let layer = big.layers[0].clone();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().join("data");
+    let client = reqwest::Client::new();
+
+    let settings = Settings {
+        upstream: &upstream.url(),
+        ttl: "1h",
+        reconcile_grace: "1h",
+    };
+    let mut server = Regcache::start(dir.path(), &data_dir, &settings).await;
+    pull(&client, &server.base, "team/small", &small, 2).await;
+    // The big image's manifest and config are cached; its layer comes slowly (~3 s).
+    let resp = client
+        .get(format!("{}/v2/team/big/manifests/v1", server.base))
+        .header(reqwest::header::ACCEPT, ACCEPT_ALL_MANIFESTS)
+        .send()
+        .await
+        .expect("manifest");
+    assert_eq!(ok_bytes(resp).await, big.manifest.bytes);
+    let config = client
+        .get(format!("{}/v2/team/big/blobs/{}", server.base, big.config.digest))
+        .send()
+        .await
+        .expect("config");
+    assert_eq!(ok_bytes(config).await, big.config.bytes);
+    upstream.slow_blob(&layer.digest, 256 * 1024, Duration::from_millis(20));
+    let pulling = tokio::spawn({
+        let url = format!("{}/v2/team/big/blobs/{}", server.base, layer.digest);
+        let client = client.clone();
+        async move {
+            let mut received = 0usize;
+            if let Ok(resp) = client.get(url).send().await {
+                let mut body = resp.bytes_stream();
+                while let Some(Ok(chunk)) = body.next().await {
+                    received += chunk.len();
+                }
+            }
+            received
+        }
+    });
+
+    // Kill once the download is well under way: its .part file holds over 1 MiB.
+    let part_size = |data_dir: &Path| -> Option<u64> {
+        std::fs::read_dir(data_dir.join("tmp"))
+            .ok()?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+            .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+            .max()
+    };
+    wait_until_async("the large blob is part-way downloaded", DEADLINE, || async {
+        part_size(&data_dir).is_some_and(|n| n >= 1024 * 1024)
+    })
+    .await;
+    server.sigkill();
+    let received = pulling.await.expect("client task");
+    let left = part_size(&data_dir).expect("the crash leaves the .part file behind");
+    eprintln!("killed with {left} of {BIG} bytes downloaded; the client got {received}");
+    assert!(left < BIG as u64, "killed in the middle of the pull");
+    assert!(received < BIG, "the client never saw the whole blob");
+    assert!(
+        !blob_rows(&data_dir).contains(&layer.digest),
+        "nothing recorded for the interrupted blob"
+    );
+    assert!(!stored_objects(&data_dir).contains(&layer.digest));
+
+    // Restart on the same data dir; reconciliation takes anything younger too.
+    upstream.heal_blob(&layer.digest);
+    let settings = Settings {
+        reconcile_grace: "0",
+        ..settings
+    };
+    let server = Regcache::start(dir.path(), &data_dir, &settings).await;
+    let report = server.fsck().await;
+    assert_eq!(report["deletes_failed"], 0, "{report:#}");
+    wait_for_agreement(&data_dir, &server).await;
+    assert_fsck_clean(&server.fsck().await);
+    let expected: BTreeSet<String> = small
+        .blobs()
+        .chain([&big.config])
+        .map(|b| b.digest.clone())
+        .collect();
+    assert_eq!(
+        blob_rows(&data_dir),
+        expected,
+        "what was committed before the crash is kept"
+    );
+
+    pull(&client, &server.base, "team/small", &small, 2).await;
+    pull(&client, &server.base, "team/big", &big, 2).await;
+    wait_for_agreement(&data_dir, &server).await;
+    assert!(blob_rows(&data_dir).contains(&layer.digest));
+    assert_eq!(
+        upstream.blob_gets(&small.layers[1].digest),
+        1,
+        "the small image was served from the cache after the crash"
+    );
+}
+
+/// Layers of the image whose deletion is interrupted: enough that the pipeline needs
+/// several claim batches (256 each), so there is a middle to kill it in.
+const MANY: usize = 700;
+
+#[tokio::test]
+async fn sigkill_in_the_middle_of_a_deletion_batch() {
+    let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
+    let sizes = vec![1; MANY];
+    let many = Image::new("crash-delete-many", &sizes, "2024-03-03T00:00:00Z");
+    let keep = Image::new("crash-delete-keep", &[3_000, 50_000], "2024-03-04T00:00:00Z");
+    upstream.add_image("team/many", Some("v1"), &many);
+    upstream.add_image("team/keep", Some("v1"), &keep);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().join("data");
+    let client = reqwest::Client::new();
+    let url = upstream.url();
+
+    // Cache everything with a long ttl, then stop cleanly.
+    let settings = Settings {
+        upstream: &url,
+        ttl: "1h",
+        reconcile_grace: "1h",
+    };
+    let mut server = Regcache::start(dir.path(), &data_dir, &settings).await;
+    let started = Instant::now();
+    pull(&client, &server.base, "team/many", &many, 8).await;
+    pull(&client, &server.base, "long/team/keep", &keep, 2).await;
+    eprintln!(
+        "cached {} blobs in {:.1} s",
+        MANY + 4,
+        started.elapsed().as_secs_f64()
+    );
+    server.stop().await;
+    let cached = blob_rows(&data_dir);
+    assert_eq!(cached.len(), MANY + 4);
+    assert_eq!(stored_objects(&data_dir), cached);
+
+    // ttl 1h -> 1s: at start-up everything of "short" is due at once (I6); expiry queues
+    // it and the workers delete it in batches. Watch the queue closely and kill the
+    // server while it works on a batch after the first (claimed rows, objects going).
+    let settings = Settings {
+        ttl: "1s",
+        ..settings
+    };
+    let mut server = Regcache::start(dir.path(), &data_dir, &settings).await;
+    let watched = data_dir.clone();
+    let pid = server.pid();
+    // The watcher owns the server: it kills it without a hop back to the runtime, and
+    // dropping it on a panic kills it too.
+    let seen = tokio::task::spawn_blocking(move || {
+        let db = db(&watched);
+        let end = Instant::now() + DEADLINE;
+        let mut max = 0i64;
+        loop {
+            let (queued, deleting): (i64, i64) = db
+                .query_row(
+                    "SELECT count(*), coalesce(sum(state = 'deleting'), 0) FROM pending_deletes",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .expect("reading the queue");
+            max = max.max(queued);
+            // A first batch is done (the queue shrank) and the next one is claimed: kill
+            // as soon as its first objects are gone from storage, before the rows go.
+            if deleting > 0 && queued < max {
+                let claimed: Vec<PathBuf> = {
+                    let mut stmt = db
+                        .prepare("SELECT digest FROM pending_deletes WHERE state = 'deleting'")
+                        .expect("prepare");
+                    let rows = stmt.query_map([], |r| r.get::<_, String>(0)).expect("query");
+                    rows.map(|d| object_file(&watched, &d.expect("digest"))).collect()
+                };
+                while claimed.iter().all(|f| f.exists()) && Instant::now() < end {
+                    std::hint::spin_loop();
+                }
+                server.sigkill();
+                return (max, queued, deleting);
+            }
+            assert!(
+                Instant::now() < end,
+                "no deletion batch in progress seen (queue peaked at {max})"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    })
+    .await
+    .expect("watcher");
+    let (peak, at_kill, deleting_at_kill) = seen;
+    let queued = count(&data_dir, "SELECT count(*) FROM pending_deletes");
+    let claimed = count(
+        &data_dir,
+        "SELECT count(*) FROM pending_deletes WHERE state = 'deleting'",
+    );
+    let objects = stored_objects(&data_dir);
+    let gone_with_row = {
+        let db = db(&data_dir);
+        let mut stmt = db.prepare("SELECT digest FROM pending_deletes").expect("prepare");
+        let rows: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        rows.iter().filter(|d| !objects.contains(*d)).count()
+    };
+    eprintln!(
+        "killed regcache (pid {pid}): queue peaked at {peak}, {at_kill} left when seen \
+         ({deleting_at_kill} claimed); after the kill {queued} left, {claimed} claimed by the \
+         dead process, {gone_with_row} already gone from storage but still queued"
+    );
+    assert_eq!(
+        peak,
+        i64::try_from(MANY + 1).expect("small"),
+        "config and layers queued"
+    );
+    assert!(
+        queued > 0 && queued < peak,
+        "the kill landed in the middle of the deletion: {queued} of {peak} left"
+    );
+    assert!(
+        claimed > 0 && gone_with_row > 0,
+        "the kill landed inside a batch, between deleting objects and removing their rows"
+    );
+
+    // Start again: claims of the dead process lapse, the rest is deleted (objects already
+    // gone count as deleted), and reconciliation finds nothing else to do.
+    let settings = Settings {
+        reconcile_grace: "0",
+        ..settings
+    };
+    let server = Regcache::start(dir.path(), &data_dir, &settings).await;
+    wait_for_agreement(&data_dir, &server).await;
+    assert_fsck_clean(&server.fsck().await);
+    let keep_digests: BTreeSet<String> = keep.blobs().map(|b| b.digest.clone()).collect();
+    assert_eq!(
+        blob_rows(&data_dir),
+        keep_digests,
+        "only the long-lived image is left"
+    );
+    assert_eq!(count(&data_dir, "SELECT count(*) FROM manifests"), 1);
+
+    pull(&client, &server.base, "long/team/keep", &keep, 2).await;
+    pull(&client, &server.base, "team/many", &many, 8).await;
+    let keep_gets: usize = keep.blobs().map(|b| upstream.blob_gets(&b.digest)).sum();
+    assert_eq!(
+        keep_gets,
+        keep_digests.len(),
+        "the kept image came from the cache"
+    );
+}
+
+/// The window between writing an object and committing its row, pinned down in-process:
+/// the store writes the object and then never answers, so the transfer is stopped right
+/// there by the server's shutdown, which drops it exactly as a crash would (the object is
+/// stored, the write intent committed, no row). A real SIGKILL cannot be aimed at this
+/// window deterministically; the state it would leave is the same.
+#[tokio::test]
+async fn crash_between_object_write_and_row_commit() {
+    let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
+    let first = Image::new("crash-window-first", &[4_000], "2024-03-05T00:00:00Z");
+    let second = Image::new("crash-window-second", &[6_000], "2024-03-06T00:00:00Z");
+    upstream.add_image("team/first", Some("v1"), &first);
+    upstream.add_image("team/second", Some("v1"), &second);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = FailingStore::on_dir(&dir.path().join("objects"));
+    let config = config_for(&[("fixture", &upstream.url())], &dir.path().join("data"));
+    let mut app = TestApp::start_with_store(config, store.as_dyn(), Some(dir)).await;
+    let key = |digest: &str| {
+        let hex = digest.trim_start_matches("sha256:");
+        ObjectPath::from(format!("blobs/sha256/{}/{hex}", &hex[..2]))
+    };
+
+    let pull_app = |app: &TestApp, repo: &'static str, image: &Image| {
+        let (base, client, image) = (app.base.clone(), app.client.clone(), image.clone());
+        async move { pull(&client, &base, repo, &image, 1).await }
+    };
+    pull_app(&app, "team/first", &first).await;
+    let layer = second.layers[0].clone();
+    store.hang_after_put();
+    let request = tokio::spawn({
+        let url = app.url(&format!("/v2/team/second/blobs/{}", layer.digest));
+        let client = app.client.clone();
+        async move {
+            match client.get(url).send().await {
+                Ok(resp) => resp.bytes().await.ok(),
+                Err(_) => None,
+            }
+        }
+    });
+    wait_until_async(
+        "the object is written and its commit pending",
+        DEADLINE,
+        || async { store.hung_puts() == 1 },
+    )
+    .await;
+    let objects = || async {
+        store
+            .objects()
+            .await
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect::<BTreeSet<_>>()
+    };
+    assert!(objects().await.contains(&key(&layer.digest)), "object written");
+    assert_eq!(
+        app.count("SELECT count(*) FROM write_intents"),
+        1,
+        "intent committed"
+    );
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM blobs WHERE digest = '{}'",
+            layer.digest
+        )),
+        0,
+        "row not committed"
+    );
+
+    // "Crash": the transfer is dropped where it hangs.
+    app.stop().await;
+    store.release_puts();
+    let served = request.await.expect("client task");
+    assert!(
+        served.is_none_or(|b| sha256_digest(&b) != layer.digest),
+        "the client never got the blob whole"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM write_intents"),
+        1,
+        "the intent outlived the process"
+    );
+    assert!(objects().await.contains(&key(&layer.digest)), "so did the object");
+
+    app.restart_with_store(store.as_dyn(), |c| {
+        c.storage.reconcile_grace = CfgDuration::from_secs(0);
+    })
+    .await;
+    wait_until_async("the orphan object is reconciled away", DEADLINE, || async {
+        let rows = app.count("SELECT count(*) FROM blobs");
+        let intents = app.count("SELECT count(*) FROM write_intents");
+        let pending = app.count("SELECT count(*) FROM pending_deletes");
+        objects().await.len() == usize::try_from(rows).unwrap_or(0) && intents == 0 && pending == 0
+    })
+    .await;
+    let expected: BTreeSet<ObjectPath> = first.blobs().map(|b| key(&b.digest)).collect();
+    assert_eq!(objects().await, expected, "only committed blobs are stored");
+    assert_eq!(
+        store.attempts_of(&key(&layer.digest)).len(),
+        1,
+        "the orphan was deleted through the pipeline"
+    );
+
+    pull_app(&app, "team/first", &first).await;
+    pull_app(&app, "team/second", &second).await;
+    let expected: BTreeSet<ObjectPath> = first
+        .blobs()
+        .chain(second.blobs())
+        .map(|b| key(&b.digest))
+        .collect();
+    assert_eq!(objects().await, expected);
+    assert_eq!(
+        app.count("SELECT count(*) FROM blobs"),
+        i64::try_from(expected.len()).expect("small")
+    );
+    assert_eq!(app.count("SELECT count(*) FROM write_intents"), 0);
+    app.stop().await;
+}
