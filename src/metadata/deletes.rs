@@ -99,7 +99,8 @@ impl Metadata {
         .await
     }
 
-    /// Queues a delete for an object found without a usable row (reconciliation).
+    /// Queues a delete for an object found without a row (reconciliation); nothing when a
+    /// row or a live write intent accounts for it by now.
     pub async fn enqueue_delete(
         &self,
         digest: &str,
@@ -117,8 +118,13 @@ impl Metadata {
         self.write(move |tx| {
             let state = if deferred_reason.is_some() { "deferred" } else { "pending" };
             Ok(tx.execute(
+                // Checked again here, in the inserting transaction: a writer may have
+                // committed this digest since reconciliation looked.
                 "INSERT INTO pending_deletes (digest, size_bytes, reason, state, next_attempt_at, deferred_reason, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?5) ON CONFLICT (digest) DO NOTHING",
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?5
+                  WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE digest = ?1)
+                    AND NOT EXISTS (SELECT 1 FROM write_intents WHERE digest = ?1 AND expires_at > ?5)
+                 ON CONFLICT (digest) DO NOTHING",
                 params![digest, size, reason, state, now, deferred_reason],
             )? > 0)
         })
