@@ -6,7 +6,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
-use object_store::{ClientOptions, ObjectStore};
+use object_store::{ClientOptions, ObjectStore, RetryConfig};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +14,17 @@ use std::time::Duration;
 /// Silence tolerated on a storage connection; the whole-request timeout is off because a
 /// large blob legitimately takes long (CRATES.md: the default 30 s covers the whole body).
 const STORAGE_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// object_store's own retries (default: 10 over up to 3 minutes) are kept short: a failed
+/// delete is retried durably by the deletion pipeline with its own backoff, a failed write
+/// fails the transfer (nothing is stored), and a long stall would hold shutdown.
+fn retry() -> RetryConfig {
+    RetryConfig {
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(20),
+        ..RetryConfig::default()
+    }
+}
 
 /// Builds the blob store for `config`; the filesystem backend keeps its objects under
 /// `<data_dir>/store` (created if missing), blobs at `store/blobs/sha256/...`.
@@ -54,6 +65,7 @@ pub fn build(config: &StorageConfig, data_dir: &Path) -> Result<BlobStore, Stora
                 .with_bucket_name(&s3.bucket)
                 .with_region(&s3.region)
                 .with_client_options(options)
+                .with_retry(retry())
                 .with_allow_http(s3.allow_http);
             if let Some(endpoint) = &s3.endpoint {
                 b = b.with_endpoint(endpoint);
@@ -90,7 +102,8 @@ fn client_options(allow_http: bool) -> ClientOptions {
 pub(super) fn gcs_builder(gcs: &crate::config::GcsConfig) -> GoogleCloudStorageBuilder {
     let mut b = GoogleCloudStorageBuilder::new()
         .with_bucket_name(&gcs.bucket)
-        .with_client_options(client_options(gcs.allow_http));
+        .with_client_options(client_options(gcs.allow_http))
+        .with_retry(retry());
     if let Some(url) = &gcs.base_url {
         b = b.with_base_url(url);
     }
