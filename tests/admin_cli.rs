@@ -8,11 +8,12 @@ mod common;
 
 use std::io::Read as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::app::{ok_bytes, TestApp};
+use common::binary::{self, write, ChildGuard, Output, BIN};
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::{sha256_digest, Image, ACCEPT_ALL_MANIFESTS};
 use regcache::config::Secret;
@@ -20,67 +21,15 @@ use reqwest::header::{ACCEPT, AUTHORIZATION};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_regcache");
 /// Generous: a debug binary on a busy 2-core machine; a purge waits for its deletes.
 const DEADLINE: Duration = Duration::from_secs(60);
 const TOKEN: &str = "cli-admin-token-4f9a2c7e1b8d";
 
 // ----- helpers ------------------------------------------------------------------------
 
-#[derive(Debug)]
-struct Output {
-    success: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl Output {
-    fn ok(self) -> Self {
-        assert!(self.success, "{self:#?}");
-        self
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
-    }
-
-    /// Fails with a message on stderr containing every one of `needles`.
-    fn fails_naming(&self, needles: &[&str]) {
-        assert!(!self.success, "expected a failure: {self:#?}");
-        for n in needles {
-            assert!(self.stderr.contains(n), "stderr does not name {n:?}: {self:#?}");
-        }
-    }
-}
-
 /// Runs the binary with `args` and an empty environment; panics after `DEADLINE`.
 fn run(args: &[&str], cwd: &Path) -> Output {
-    let child = Command::new(BIN)
-        .args(args)
-        .env_clear()
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn regcache");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(DEADLINE) {
-        Ok(out) => out.expect("wait for regcache"),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            panic!("regcache {args:?} did not exit within {DEADLINE:?}");
-        }
-    };
-    Output {
-        success: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    binary::run(args, &[], cwd, DEADLINE)
 }
 
 /// `run` off the async runtime, which keeps serving the in-process server meanwhile.
@@ -94,24 +43,6 @@ fn run_async(args: &[&str], cwd: &Path) -> impl std::future::Future<Output = Out
         })
         .await
         .expect("CLI runner")
-    }
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write file");
-    path.to_str().expect("UTF-8 path").to_owned()
-}
-
-/// Kills the child (ours) if a test panics while it runs.
-struct ChildGuard(Option<Child>);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -184,7 +115,7 @@ fn check_config_redacts_the_admin_token() {
     // A token too short to be safe is refused, naming the key, without echoing it.
     let short = write(dir.path(), "short.toml", "[admin]\ntoken = \"tiny-secret\"\n");
     let out = run(&["check-config", "--config", &short], dir.path());
-    out.fails_naming(&["admin.token", "16"]);
+    out.assert_failure_naming(&["admin.token", "16"]);
     assert!(!out.stderr.contains("tiny-secret"), "{out:#?}");
 }
 
@@ -485,15 +416,17 @@ async fn purge_jobs_repos_and_delete_repo_from_the_cli_reach_the_running_server(
     // Bad arguments name the problem.
     cli(&["repos", "fixture/acme/app"])
         .await
-        .fails_naming(&["fixture/acme/app", "not cached"]);
-    cli(&["purge", "nope/acme/app"]).await.fails_naming(&["nope"]);
+        .assert_failure_naming(&["fixture/acme/app", "not cached"]);
+    cli(&["purge", "nope/acme/app"])
+        .await
+        .assert_failure_naming(&["nope"]);
     cli(&["purge", "acme"])
         .await
-        .fails_naming(&["acme", "<upstream>/<repository>"]);
+        .assert_failure_naming(&["acme", "<upstream>/<repository>"]);
     cli(&["delete-repo", "fixture/acme/app"])
         .await
-        .fails_naming(&["not cached"]);
-    cli(&["jobs", "999999"]).await.fails_naming(&["999999"]);
+        .assert_failure_naming(&["not cached"]);
+    cli(&["jobs", "999999"]).await.assert_failure_naming(&["999999"]);
     // A data dir where no server ran is refused, not created.
     let empty = write(
         dir.path(),
@@ -505,6 +438,6 @@ async fn purge_jobs_repos_and_delete_repo_from_the_cli_reach_the_running_server(
     );
     run_async(&["jobs", "--config", &empty], dir.path())
         .await
-        .fails_naming(&["no regcache database"]);
+        .assert_failure_naming(&["no regcache database"]);
     assert!(!dir.path().join("nothing").exists());
 }

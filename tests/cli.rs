@@ -7,97 +7,21 @@ mod common;
 
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use common::app::ok_bytes;
+use common::binary::{self, write, ChildGuard, Output, BIN};
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::{Image, ACCEPT_ALL_MANIFESTS};
 
-const BIN: &str = env!("CARGO_BIN_EXE_regcache");
 /// Generous: a debug binary on a busy 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-#[derive(Debug)]
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Output {
-    fn assert_success(&self) -> &Self {
-        assert!(self.status.success(), "{self:#?}");
-        self
-    }
-
-    /// Fails with a message on stderr that contains every one of `needles`.
-    fn assert_failure_naming(&self, needles: &[&str]) -> &Self {
-        assert!(!self.status.success(), "expected failure: {self:#?}");
-        for needle in needles {
-            assert!(
-                self.stderr.contains(needle),
-                "stderr does not name {needle:?}: {self:#?}"
-            );
-        }
-        self
-    }
-
-    fn config(&self) -> toml::Table {
-        self.stdout
-            .parse()
-            .unwrap_or_else(|e| panic!("check-config printed no TOML ({e}): {self:#?}"))
-    }
-}
-
-/// Kills the child (ours) if a test panics while it runs.
-struct ChildGuard(Option<Child>);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// Runs the binary in `cwd` with only `env` set; panics after `DEADLINE`.
 fn run(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> Output {
-    let child = Command::new(BIN)
-        .args(args)
-        .env_clear()
-        .envs(env.iter().copied())
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn regcache");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(DEADLINE) {
-        Ok(out) => out.expect("wait for regcache"),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            panic!("regcache {args:?} did not exit within {DEADLINE:?}");
-        }
-    };
-    Output {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write file");
-    path.to_str().expect("UTF-8 path").to_owned()
+    binary::run(args, env, cwd, DEADLINE)
 }
 
 fn get<'a>(table: &'a toml::Table, dotted: &str) -> &'a toml::Value {

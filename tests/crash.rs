@@ -10,11 +10,10 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::app::{config_for, ok_bytes, TestApp};
-use common::external::free_port;
+use common::binary::Regcache;
 use common::failing_store::FailingStore;
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::{sha256_digest, Image, ACCEPT_ALL_MANIFESTS};
@@ -23,7 +22,6 @@ use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 use regcache::config::Duration as CfgDuration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_regcache");
 /// Bound on every wait: start-up, background work, a pull.
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -37,161 +35,26 @@ struct Settings<'a> {
     reconcile_grace: &'a str,
 }
 
-/// `regcache serve` started by this test; killed (SIGKILL, by its PID) on drop.
-struct Regcache {
-    child: Option<Child>,
-    base: String,
-    config: PathBuf,
-    log: PathBuf,
-}
-
-impl Regcache {
-    /// Writes a config for `data_dir` (upstreams "short", the default, with `ttl`, and
-    /// "long" with ttl 1h, both the fixture) on a free port, starts the binary and waits
-    /// until `/v2/` answers.
-    async fn start(dir: &Path, data_dir: &Path, s: &Settings<'_>) -> Regcache {
-        let mut last = String::new();
-        for attempt in 0..3 {
-            let port = free_port();
-            let config = dir.join("regcache.toml");
-            std::fs::write(
-                &config,
-                format!(
-                    "[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nshutdown_grace = \"5s\"\n\
-                     [storage]\nreconcile_grace = \"{}\"\n\
-                     [storage.delete]\nretry_initial = \"1s\"\nretry_max = \"2s\"\n\
-                     [proxy]\nttl = \"{}\"\nread_timeout = \"10s\"\n\
-                     [log]\nformat = \"json\"\nlevel = \"info\"\n\
-                     [[upstream]]\nname = \"short\"\nurl = \"{}\"\ndefault = true\n\
-                     [[upstream]]\nname = \"long\"\nurl = \"{}\"\nttl = \"1h\"\n",
-                    data_dir.display(),
-                    s.reconcile_grace,
-                    s.ttl,
-                    s.upstream,
-                    s.upstream
-                ),
-            )
-            .expect("writing the config");
-            let log = dir.join(format!("regcache-{}-{attempt}.log", ulid_like()));
-            let out = std::fs::File::create(&log).expect("log file");
-            let child = Command::new(BIN)
-                .args(["serve", "--config"])
-                .arg(&config)
-                .env_clear()
-                .stdin(Stdio::null())
-                .stdout(out.try_clone().expect("log handle"))
-                .stderr(out)
-                .spawn()
-                .expect("spawning regcache serve");
-            let mut server = Regcache {
-                child: Some(child),
-                base: format!("http://127.0.0.1:{port}"),
-                config,
-                log,
-            };
-            match server.wait_ready().await {
-                Ok(()) => return server,
-                Err(log) if log.contains("in use") => last = log,
-                Err(log) => panic!("regcache did not start:\n{log}"),
-            }
-        }
-        panic!("regcache found no free port: {last}")
-    }
-
-    async fn wait_ready(&mut self) -> Result<(), String> {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .expect("client");
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let child = self.child.as_mut().expect("running");
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return Err(format!("exited with {status}:\n{}", self.log()));
-            }
-            if let Ok(resp) = client.get(format!("{}/v2/", self.base)).send().await {
-                if resp.status().is_success() {
-                    return Ok(());
-                }
-            }
-            assert!(Instant::now() < end, "regcache not ready:\n{}", self.log());
-            tokio::time::sleep(common::POLL_INTERVAL).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// SIGKILL (what `Child::kill` sends on Unix) and reap.
-    fn sigkill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().expect("SIGKILL regcache");
-            let status = child.wait().expect("reaping regcache");
-            assert!(!status.success(), "killed, not exited: {status:?}");
-        }
-    }
-
-    /// SIGTERM and wait for the clean exit.
-    async fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let term = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("running kill");
-        assert!(term.success());
-        let end = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                assert!(
-                    status.success(),
-                    "clean exit on SIGTERM: {status:?}\n{}",
-                    self.log()
-                );
-                return;
-            }
-            if Instant::now() > end {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("regcache did not stop on SIGTERM:\n{}", self.log());
-            }
-            tokio::time::sleep(common::POLL_INTERVAL).await;
-        }
-    }
-
-    /// `regcache fsck --json` beside this server, on its data directory.
-    async fn fsck(&self) -> serde_json::Value {
-        let out = tokio::process::Command::new(BIN)
-            .args(["fsck", "--json", "--config"])
-            .arg(&self.config)
-            .env_clear()
-            .kill_on_drop(true)
-            .output()
-            .await
-            .expect("running regcache fsck");
-        assert!(
-            out.status.success(),
-            "fsck: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("fsck --json prints JSON")
-    }
-}
-
-impl Drop for Regcache {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// Starts `regcache serve` on `data_dir` with upstreams "short", the default, with `ttl`,
+/// and "long" with ttl 1h, both the fixture.
+async fn start(dir: &Path, data_dir: &Path, s: &Settings<'_>) -> Regcache {
+    Regcache::start(dir, &ulid_like().to_string(), |port| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nshutdown_grace = \"5s\"\n\
+             [storage]\nreconcile_grace = \"{}\"\n\
+             [storage.delete]\nretry_initial = \"1s\"\nretry_max = \"2s\"\n\
+             [proxy]\nttl = \"{}\"\nread_timeout = \"10s\"\n\
+             [log]\nformat = \"json\"\nlevel = \"info\"\n\
+             [[upstream]]\nname = \"short\"\nurl = \"{}\"\ndefault = true\n\
+             [[upstream]]\nname = \"long\"\nurl = \"{}\"\nttl = \"1h\"\n",
+            data_dir.display(),
+            s.reconcile_grace,
+            s.ttl,
+            s.upstream,
+            s.upstream
+        )
+    })
+    .await
 }
 
 /// A unique-enough suffix for log file names.
@@ -377,7 +240,7 @@ async fn sigkill_in_the_middle_of_a_large_pull() {
         ttl: "1h",
         reconcile_grace: "1h",
     };
-    let mut server = Regcache::start(dir.path(), &data_dir, &settings).await;
+    let mut server = start(dir.path(), &data_dir, &settings).await;
     pull(&client, &server.base, "team/small", &small, 2).await;
     // The big image's manifest and config are cached; its layer comes slowly (~3 s).
     let resp = client
@@ -440,7 +303,7 @@ async fn sigkill_in_the_middle_of_a_large_pull() {
         reconcile_grace: "0",
         ..settings
     };
-    let server = Regcache::start(dir.path(), &data_dir, &settings).await;
+    let server = start(dir.path(), &data_dir, &settings).await;
     let report = server.fsck().await;
     assert_eq!(report["deletes_failed"], 0, "{report:#}");
     wait_for_agreement(&data_dir, &server).await;
@@ -490,7 +353,7 @@ async fn sigkill_in_the_middle_of_a_deletion_batch() {
         ttl: "1h",
         reconcile_grace: "1h",
     };
-    let mut server = Regcache::start(dir.path(), &data_dir, &settings).await;
+    let mut server = start(dir.path(), &data_dir, &settings).await;
     let started = Instant::now();
     pull(&client, &server.base, "team/many", &many, 8).await;
     pull(&client, &server.base, "long/team/keep", &keep, 2).await;
@@ -511,7 +374,7 @@ async fn sigkill_in_the_middle_of_a_deletion_batch() {
         ttl: "1s",
         ..settings
     };
-    let mut server = Regcache::start(dir.path(), &data_dir, &settings).await;
+    let mut server = start(dir.path(), &data_dir, &settings).await;
     let watched = data_dir.clone();
     let pid = server.pid();
     // The watcher owns the server: it kills it without a hop back to the runtime, and
@@ -596,7 +459,7 @@ async fn sigkill_in_the_middle_of_a_deletion_batch() {
         reconcile_grace: "0",
         ..settings
     };
-    let server = Regcache::start(dir.path(), &data_dir, &settings).await;
+    let server = start(dir.path(), &data_dir, &settings).await;
     wait_for_agreement(&data_dir, &server).await;
     assert_fsck_clean(&server.fsck().await);
     let keep_digests: BTreeSet<String> = keep.blobs().map(|b| b.digest.clone()).collect();

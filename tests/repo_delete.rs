@@ -13,17 +13,15 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::app::ok_bytes;
-use common::external::free_port;
+use common::binary::Regcache;
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::{sha256_digest, Blob, Image, ACCEPT_ALL_MANIFESTS, OCI_CONFIG, OCI_MANIFEST};
 use rusqlite::params;
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_regcache");
 /// Bound on start-up and on each short wait.
 const DEADLINE: Duration = Duration::from_secs(30);
 /// Bound on the whole deletion after the restart.
@@ -43,19 +41,10 @@ const KILL_BEFORE: u64 = 90_000;
 
 // ----- the regcache binary ----------------------------------------------------------------
 
-/// `regcache serve` started by this test; killed (SIGKILL, by its PID) on drop.
-struct Regcache {
-    child: Option<Child>,
-    base: String,
-    log: PathBuf,
-}
-
-/// Writes the config every run of this test uses, on a free port.
-fn write_config(dir: &Path, data_dir: &Path, upstream: &str) -> (PathBuf, u16) {
-    let port = free_port();
-    let config = dir.join("regcache.toml");
-    std::fs::write(
-        &config,
+/// Starts `regcache serve` on `data_dir` with the config every run of this test uses;
+/// `run` names its log.
+async fn start(dir: &Path, data_dir: &Path, upstream: &str, run: &str) -> Regcache {
+    Regcache::start(dir, run, |port| {
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nshutdown_grace = \"5s\"\n\
              [storage.delete]\nretry_initial = \"1s\"\nretry_max = \"2s\"\n\
@@ -65,115 +54,13 @@ fn write_config(dir: &Path, data_dir: &Path, upstream: &str) -> (PathBuf, u16) {
              [jobs]\nmax_run_time = \"1s\"\ndelete_batch = 500\nsweep_interval = \"1s\"\nstale_after = \"3s\"\n\
              [[upstream]]\nname = \"fixture\"\nurl = \"{upstream}\"\ndefault = true\n",
             data_dir.display(),
-        ),
-    )
-    .expect("writing the config");
-    (config, port)
+        )
+    })
+    .await
 }
 
+/// The admin API of this test's server.
 impl Regcache {
-    async fn start(dir: &Path, data_dir: &Path, upstream: &str, run: &str) -> Regcache {
-        let mut last = String::new();
-        for attempt in 0..3 {
-            let (config, port) = write_config(dir, data_dir, upstream);
-            let log = dir.join(format!("regcache-{run}-{attempt}.log"));
-            let out = std::fs::File::create(&log).expect("log file");
-            let child = Command::new(BIN)
-                .args(["serve", "--config"])
-                .arg(&config)
-                .env_clear()
-                .stdin(Stdio::null())
-                .stdout(out.try_clone().expect("log handle"))
-                .stderr(out)
-                .spawn()
-                .expect("spawning regcache serve");
-            let mut server = Regcache {
-                child: Some(child),
-                base: format!("http://127.0.0.1:{port}"),
-                log,
-            };
-            match server.wait_ready().await {
-                Ok(()) => return server,
-                Err(log) if log.contains("in use") => last = log,
-                Err(log) => panic!("regcache did not start:\n{log}"),
-            }
-        }
-        panic!("regcache found no free port: {last}")
-    }
-
-    async fn wait_ready(&mut self) -> Result<(), String> {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .expect("client");
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let child = self.child.as_mut().expect("running");
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return Err(format!("exited with {status}:\n{}", self.log()));
-            }
-            if let Ok(resp) = client.get(format!("{}/v2/", self.base)).send().await {
-                if resp.status().is_success() {
-                    return Ok(());
-                }
-            }
-            assert!(Instant::now() < end, "regcache not ready:\n{}", self.log());
-            tokio::time::sleep(common::POLL_INTERVAL).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The JSON log lines whose message is `message`, as their `fields`.
-    fn log_events(&self, message: &str) -> Vec<Value> {
-        self.log()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["fields"]["message"] == message)
-            .map(|v| v["fields"].clone())
-            .collect()
-    }
-
-    /// SIGKILL (what `Child::kill` sends on Unix) and reap.
-    fn sigkill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().expect("SIGKILL regcache");
-            let status = child.wait().expect("reaping regcache");
-            assert!(!status.success(), "killed, not exited: {status:?}");
-        }
-    }
-
-    /// SIGTERM and wait for the clean exit.
-    async fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let term = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("running kill");
-        assert!(term.success());
-        let end = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                assert!(
-                    status.success(),
-                    "clean exit on SIGTERM: {status:?}\n{}",
-                    self.log()
-                );
-                return;
-            }
-            if Instant::now() > end {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("regcache did not stop on SIGTERM:\n{}", self.log());
-            }
-            tokio::time::sleep(common::POLL_INTERVAL).await;
-        }
-    }
-
     async fn admin(
         &self,
         client: &reqwest::Client,
@@ -194,15 +81,6 @@ impl Regcache {
             .await;
         assert_eq!(resp.status(), 200, "GET job {id}");
         resp.json().await.expect("job JSON")
-    }
-}
-
-impl Drop for Regcache {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -460,7 +338,7 @@ async fn deleting_100k_tags_resumes_after_sigkill_and_leaves_shared_blobs() {
     let client = reqwest::Client::new();
 
     // Run 1: creates the schema and caches the other repository through the fixture.
-    let mut server = Regcache::start(dir.path(), &data_dir, &upstream.url(), "1").await;
+    let mut server = start(dir.path(), &data_dir, &upstream.url(), "1").await;
     pull(&client, &server.base, OTHER, &other).await;
     server.stop().await;
     let other_id = repo_id(&data_dir, OTHER).expect("the other repository is cached");
@@ -488,7 +366,7 @@ async fn deleting_100k_tags_resumes_after_sigkill_and_leaves_shared_blobs() {
     );
 
     // Run 2: request the deletion; it is no longer served at once.
-    let mut server = Regcache::start(dir.path(), &data_dir, &upstream.url(), "2").await;
+    let mut server = start(dir.path(), &data_dir, &upstream.url(), "2").await;
     let resp = server
         .admin(
             &client,
@@ -592,7 +470,7 @@ async fn deleting_100k_tags_resumes_after_sigkill_and_leaves_shared_blobs() {
 
     // Run 3: the sweeper takes the job back once its lease lapses; the deletion completes.
     let restarted = Instant::now();
-    let server = Regcache::start(dir.path(), &data_dir, &upstream.url(), "3").await;
+    let server = start(dir.path(), &data_dir, &upstream.url(), "3").await;
     let end = Instant::now() + DELETION_DEADLINE;
     let job = loop {
         let job = server.job(&client, job_id).await;

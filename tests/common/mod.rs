@@ -9,6 +9,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod app;
+pub mod binary;
 pub mod containerd;
 pub mod external;
 pub mod failing_store;
