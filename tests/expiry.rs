@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::app::{config_for, init_logging, ok_bytes, TestApp};
+use common::app::{config_for, ok_bytes, TestApp};
+use common::failing_store::{FailingStore, INJECTED};
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::{sha256_digest, Image, Index, ACCEPT_ALL_MANIFESTS};
 use common::wait_until_async;
 use regcache::config::{Config, Duration as CfgDuration};
-use regcache::server::RunningServer;
 use reqwest::header::ACCEPT;
 use reqwest::Method;
 
@@ -189,242 +189,16 @@ async fn holds_for(what: &str, period: Duration, mut f: impl FnMut() -> Result<(
 
 // ----- a store whose deletes fail or block on command ----------------------------------
 
-mod flaky {
-    //! An `ObjectStore` over the local filesystem (same layout as the filesystem backend:
-    //! `data_dir/store/blobs/...`) whose deletes fail, or wait at a gate, on command.
-
-    use futures::future::BoxFuture;
-    use futures::stream::BoxStream;
-    use futures::StreamExt;
-    use object_store::local::LocalFileSystem;
-    use object_store::path::Path;
-    use object_store::{
-        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-        PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result,
-    };
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
-
-    #[derive(Debug)]
-    pub(crate) struct Control {
-        pub(crate) fail_deletes: AtomicBool,
-        /// `true`: deletes proceed; `false`: they wait until it opens.
-        gate: tokio::sync::watch::Sender<bool>,
-        /// Deletes that reached the store (failed or not).
-        pub(crate) delete_calls: AtomicUsize,
-    }
-
-    impl Default for Control {
-        fn default() -> Self {
-            Self {
-                fail_deletes: AtomicBool::new(false),
-                gate: tokio::sync::watch::Sender::new(true),
-                delete_calls: AtomicUsize::new(0),
-            }
-        }
-    }
-
-    impl Control {
-        pub(crate) fn fail(&self, on: bool) {
-            self.fail_deletes.store(on, Ordering::SeqCst);
-        }
-
-        pub(crate) fn gate(&self, open: bool) {
-            self.gate.send_replace(open);
-        }
-    }
-
-    #[derive(Debug)]
-    pub(crate) struct FlakyStore {
-        pub(crate) inner: Arc<LocalFileSystem>,
-        pub(crate) ctl: Arc<Control>,
-    }
-
-    impl std::fmt::Display for FlakyStore {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "FlakyStore({})", self.inner)
-        }
-    }
-
-    // `ObjectStore` is an `async_trait`; these are its desugared signatures.
-    impl ObjectStore for FlakyStore {
-        fn put_opts<'a, 'b, 'at>(
-            &'a self,
-            location: &'b Path,
-            payload: PutPayload,
-            opts: PutOptions,
-        ) -> BoxFuture<'at, Result<PutResult>>
-        where
-            'a: 'at,
-            'b: 'at,
-            Self: 'at,
-        {
-            self.inner.put_opts(location, payload, opts)
-        }
-
-        fn put_multipart_opts<'a, 'b, 'at>(
-            &'a self,
-            location: &'b Path,
-            opts: PutMultipartOptions,
-        ) -> BoxFuture<'at, Result<Box<dyn MultipartUpload>>>
-        where
-            'a: 'at,
-            'b: 'at,
-            Self: 'at,
-        {
-            self.inner.put_multipart_opts(location, opts)
-        }
-
-        fn get_opts<'a, 'b, 'at>(
-            &'a self,
-            location: &'b Path,
-            options: GetOptions,
-        ) -> BoxFuture<'at, Result<GetResult>>
-        where
-            'a: 'at,
-            'b: 'at,
-            Self: 'at,
-        {
-            self.inner.get_opts(location, options)
-        }
-
-        fn delete_stream(
-            &self,
-            locations: BoxStream<'static, Result<Path>>,
-        ) -> BoxStream<'static, Result<Path>> {
-            let (inner, ctl) = (self.inner.clone(), self.ctl.clone());
-            futures::stream::once(async move {
-                let paths: Vec<Result<Path>> = locations.collect().await;
-                let mut gate = ctl.gate.subscribe();
-                let opened = gate.wait_for(|open| *open).await.is_ok();
-                assert!(opened, "gate dropped");
-                ctl.delete_calls.fetch_add(paths.len(), Ordering::SeqCst);
-                if ctl.fail_deletes.load(Ordering::SeqCst) {
-                    let failed = paths.into_iter().map(|p| {
-                        p.and_then(|p| {
-                            Err(object_store::Error::Generic {
-                                store: "FlakyStore",
-                                source: format!("injected delete failure for {p}").into(),
-                            })
-                        })
-                    });
-                    futures::stream::iter(failed.collect::<Vec<_>>()).boxed()
-                } else {
-                    inner.delete_stream(futures::stream::iter(paths).boxed())
-                }
-            })
-            .flatten()
-            .boxed()
-        }
-
-        fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
-            self.inner.list(prefix)
-        }
-
-        fn list_with_delimiter<'a, 'b, 'at>(
-            &'a self,
-            prefix: Option<&'b Path>,
-        ) -> BoxFuture<'at, Result<ListResult>>
-        where
-            'a: 'at,
-            'b: 'at,
-            Self: 'at,
-        {
-            self.inner.list_with_delimiter(prefix)
-        }
-
-        fn copy_opts<'a, 'b, 'c, 'at>(
-            &'a self,
-            from: &'b Path,
-            to: &'c Path,
-            options: CopyOptions,
-        ) -> BoxFuture<'at, Result<()>>
-        where
-            'a: 'at,
-            'b: 'at,
-            'c: 'at,
-            Self: 'at,
-        {
-            self.inner.copy_opts(from, to, options)
-        }
-
-        fn rename_opts<'a, 'b, 'c, 'at>(
-            &'a self,
-            from: &'b Path,
-            to: &'c Path,
-            options: RenameOptions,
-        ) -> BoxFuture<'at, Result<()>>
-        where
-            'a: 'at,
-            'b: 'at,
-            'c: 'at,
-            Self: 'at,
-        {
-            self.inner.rename_opts(from, to, options)
-        }
-    }
-}
-
-/// regcache in-process over a [`flaky::FlakyStore`] rooted at `data_dir/store`.
-struct FlakyApp {
-    server: Option<RunningServer>,
-    config: Config,
-    base: String,
-    client: reqwest::Client,
-    ctl: Arc<flaky::Control>,
-    _dir: tempfile::TempDir,
-}
-
-impl FlakyApp {
-    async fn start(upstream_url: &str, tweak: impl FnOnce(&mut Config)) -> FlakyApp {
-        init_logging();
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = config_for(&[("fixture", upstream_url)], dir.path());
-        tweak(&mut config);
-        let ctl = Arc::new(flaky::Control::default());
-        let server = Self::launch(&config, &ctl).await;
-        FlakyApp {
-            base: format!("http://{}", server.addr()),
-            server: Some(server),
-            config,
-            client: reqwest::Client::new(),
-            ctl,
-            _dir: dir,
-        }
-    }
-
-    async fn launch(config: &Config, ctl: &Arc<flaky::Control>) -> RunningServer {
-        let root = config.server.data_dir.join("store");
-        std::fs::create_dir_all(&root).unwrap();
-        let inner = object_store::local::LocalFileSystem::new_with_prefix(&root).unwrap();
-        let store = flaky::FlakyStore {
-            inner: Arc::new(inner),
-            ctl: ctl.clone(),
-        };
-        regcache::server::start_with_store(config.clone(), Some(Arc::new(store)))
-            .await
-            .expect("regcache starts")
-    }
-
-    fn dir(&self) -> &Path {
-        &self.config.server.data_dir
-    }
-
-    async fn restart_with(&mut self, tweak: impl FnOnce(&mut Config)) {
-        if let Some(s) = self.server.take() {
-            s.stop().await.expect("clean shutdown");
-        }
-        tweak(&mut self.config);
-        let server = Self::launch(&self.config, &self.ctl).await;
-        self.base = format!("http://{}", server.addr());
-        self.server = Some(server);
-    }
-
-    async fn stop(&mut self) {
-        if let Some(s) = self.server.take() {
-            s.stop().await.expect("clean shutdown");
-        }
-    }
+/// regcache in-process over a `FailingStore` rooted at `data_dir/store` (the filesystem
+/// backend's layout, which `blob_path` reads), so deletes can fail or block on command.
+/// Restart it with `restart_with_store(store.as_dyn(), ..)` to keep the same store.
+async fn flaky_app(upstream_url: &str, tweak: impl FnOnce(&mut Config)) -> (TestApp, Arc<FailingStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_for(&[("fixture", upstream_url)], dir.path());
+    tweak(&mut config);
+    let store = FailingStore::on_dir(&config.server.data_dir.join("store"));
+    let app = TestApp::start_with_store(config, store.as_dyn(), Some(dir)).await;
+    (app, store)
 }
 
 /// (state, attempts, last_error) of each pending delete of `digests`.
@@ -924,15 +698,15 @@ async fn blob_pulled_again_while_its_delete_is_pending_is_rescued() {
     let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
     let image = Image::new("rescue", &[30_000, 40_000], "2024-01-01T00:00:00Z");
     upstream.add_image("team/app", Some("v1"), &image);
-    let mut app = FlakyApp::start(&upstream.url(), |c| {
+    let (mut app, store) = flaky_app(&upstream.url(), |c| {
         c.proxy.ttl = ttl(2);
         c.storage.delete.retry_initial = ttl(3600);
         c.storage.delete.retry_max = ttl(3600);
     })
     .await;
-    let dir = app.dir().to_owned();
+    let dir = app.data_dir();
     pull(&app.client, &app.base, "team/app", "v1", &image).await;
-    app.ctl.fail(true);
+    store.fail_deletes_forever();
 
     let digests: Vec<&str> = image.blobs().map(|b| b.digest.as_str()).collect();
     wait_until_async("every blob's delete failed and is kept", DEADLINE, || async {
@@ -950,7 +724,7 @@ async fn blob_pulled_again_while_its_delete_is_pending_is_rescued() {
     }
 
     // Deletes off (and a long ttl): the pending deletes wait as deferred, across the restart.
-    app.restart_with(|c| {
+    app.restart_with_store(store.as_dyn(), |c| {
         c.storage.delete.enabled = false;
         c.proxy.ttl = ttl(3600);
     })
@@ -1000,8 +774,9 @@ async fn blob_pulled_again_while_its_delete_is_pending_is_rescued() {
     }
 
     // Deletes back on, store healthy: the deferred delete resumes at once.
-    app.ctl.fail(false);
-    app.restart_with(|c| c.storage.delete.enabled = true).await;
+    store.heal();
+    app.restart_with_store(store.as_dyn(), |c| c.storage.delete.enabled = true)
+        .await;
     wait_until_async("the control blob is deleted", DEADLINE, || async {
         !blob_path(&dir, &control.digest).exists() && count(&dir, "SELECT count(*) FROM pending_deletes") == 0
     })
@@ -1031,10 +806,10 @@ async fn blob_pulled_while_being_deleted_is_served_from_upstream_uncached() {
     let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
     let image = Image::new("deleting", &[30_000], "2024-01-01T00:00:00Z");
     upstream.add_image("team/app", Some("v1"), &image);
-    let mut app = FlakyApp::start(&upstream.url(), |c| c.proxy.ttl = ttl(3)).await;
-    let dir = app.dir().to_owned();
+    let (mut app, store) = flaky_app(&upstream.url(), |c| c.proxy.ttl = ttl(3)).await;
+    let dir = app.data_dir();
     pull(&app.client, &app.base, "team/app", "v1", &image).await;
-    app.ctl.gate(false);
+    store.block_deletes();
 
     // The first delete claimed blocks at the gate (and the worker with it); expiry may
     // queue the blobs in different passes, so whichever is in flight is the subject.
@@ -1091,7 +866,7 @@ async fn blob_pulled_while_being_deleted_is_served_from_upstream_uncached() {
         "the delete goes on"
     );
 
-    app.ctl.gate(true);
+    store.unblock_deletes();
     wait_until_async("the deletes finish", DEADLINE, || async {
         count(&dir, "SELECT count(*) FROM pending_deletes") == 0
             && !blob_path(&dir, &subject).exists()
@@ -1152,7 +927,7 @@ async fn status_reports_counts_queue_and_applied_settings() {
     // The second image comes through "long", an upstream name over the same fixture whose
     // ttl keeps it cached while the first one's deletes fail.
     let url = upstream.url();
-    let mut app = FlakyApp::start(&url, |c| {
+    let (mut app, store) = flaky_app(&url, |c| {
         c.upstream = config_for(&[("fixture", &url), ("long", &url)], &c.server.data_dir).upstream;
         c.upstream[1].ttl = Some(ttl(3600));
         c.proxy.ttl = ttl(2);
@@ -1160,10 +935,10 @@ async fn status_reports_counts_queue_and_applied_settings() {
         c.storage.delete.retry_max = ttl(3600);
     })
     .await;
-    let dir = app.dir().to_owned();
+    let dir = app.data_dir();
     let cli_config = write_cli_config(&dir);
     let cfg = cli_config.to_str().unwrap();
-    app.ctl.fail(true);
+    store.fail_deletes_forever();
     pull(&app.client, &app.base, "team/app", "v1", &first).await;
     wait_until_async("the deletes failed", DEADLINE, || async {
         count(
@@ -1210,7 +985,7 @@ async fn status_reports_counts_queue_and_applied_settings() {
     assert!(failing["last_error"]
         .as_str()
         .unwrap()
-        .contains("injected delete failure"));
+        .contains(&format!("{INJECTED}: delete of")));
     assert_eq!(s["ttls"], serde_json::json!([["fixture", 2], ["long", 3600]]));
     assert_eq!(s["delete_enabled"], true);
     for needle in [
@@ -1220,7 +995,7 @@ async fn status_reports_counts_queue_and_applied_settings() {
         "pending deletes     3",
         "deferred deletes    0",
         "oldest failing delete  sha256:",
-        "injected delete failure",
+        &format!("{INJECTED}: delete of"),
         "storage.delete.enabled = true",
         "ttl of upstream fixture = 2s",
         "ttl of upstream long = 1h",
@@ -1230,7 +1005,7 @@ async fn status_reports_counts_queue_and_applied_settings() {
 
     // Deletes off and a ttl the second image has outlived: the failed deletes wait as
     // deferred, and the second image's entries are deferred.
-    app.restart_with(|c| {
+    app.restart_with_store(store.as_dyn(), |c| {
         c.storage.delete.enabled = false;
         c.upstream[1].ttl = Some(ttl(1));
     })

@@ -1,5 +1,6 @@
 //! `FailingStore`: an `ObjectStore` around an inner store (a directory through
-//! `LocalFileSystem`, or `InMemory`) whose deletes and writes fail on command, and which
+//! `LocalFileSystem`, or `InMemory`) whose deletes and writes fail on command, whose
+//! deletes can be held at a gate (to catch one in flight), and which
 //! counts every delete attempt per object, so tests can drive regcache's deletion
 //! pipeline (I3) and write path (I2) through storage failures.
 //!
@@ -28,7 +29,7 @@ use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
     PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result, UploadPart,
 };
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 /// The boxed future `#[async_trait]` methods return.
 type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -74,6 +75,9 @@ pub struct FailingStore {
     inner: Arc<dyn ObjectStore>,
     state: Arc<Mutex<State>>,
     release: Arc<Notify>,
+    /// `true`: deletes proceed; `false`: each waits here, before it counts as an attempt,
+    /// until the gate opens.
+    delete_gate: Arc<watch::Sender<bool>>,
 }
 
 impl fmt::Debug for FailingStore {
@@ -132,6 +136,7 @@ impl FailingStore {
             inner,
             state: Arc::default(),
             release: Arc::new(Notify::new()),
+            delete_gate: Arc::new(watch::Sender::new(true)),
         })
     }
 
@@ -174,6 +179,17 @@ impl FailingStore {
     /// Every delete fails until `heal`.
     pub fn fail_deletes_forever(&self) {
         self.lock().fail_forever = true;
+    }
+
+    /// From now on every delete waits, before reaching the inner store or counting as an
+    /// attempt, until `unblock_deletes` (`heal` does not open the gate).
+    pub fn block_deletes(&self) {
+        self.delete_gate.send_replace(false);
+    }
+
+    /// Deletes held by `block_deletes` go on; later ones do not wait.
+    pub fn unblock_deletes(&self) {
+        self.delete_gate.send_replace(true);
     }
 
     /// Deletes (and writes) go through again.
@@ -368,15 +384,20 @@ impl ObjectStore for FailingStore {
         self.inner.get_ranges(location, ranges)
     }
 
-    /// Each path in turn: an injected failure yields its error, any other path is deleted
-    /// by the inner store (so its not-found and other answers pass through unchanged).
+    /// Each path in turn, once the delete gate is open: an injected failure yields its
+    /// error, any other path is deleted by the inner store (so its not-found and other
+    /// answers pass through unchanged).
     fn delete_stream(&self, locations: BoxStream<'static, Result<Path>>) -> BoxStream<'static, Result<Path>> {
-        let (inner, state) = (self.inner.clone(), self.state.clone());
+        let (inner, state, gate) = (self.inner.clone(), self.state.clone(), self.delete_gate.clone());
         locations
             .then(move |location| {
-                let (inner, state) = (inner.clone(), state.clone());
+                let (inner, state, gate) = (inner.clone(), state.clone(), gate.clone());
                 async move {
                     let path = location?;
+                    gate.subscribe()
+                        .wait_for(|open| *open)
+                        .await
+                        .expect("the gate's sender lives as long as this stream");
                     on_delete(&state, &path)?;
                     let one = futures::stream::once(async move { Ok(path) }).boxed();
                     let mut results = inner.delete_stream(one);
