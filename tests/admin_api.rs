@@ -8,10 +8,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::app::{error_code, ok_bytes, TestApp};
+use common::data_dir::blob_path;
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::{sha256_digest, Image};
 use common::wait_until_async;
@@ -144,11 +145,6 @@ async fn pull(app: &TestApp, repo: &str, tag: &str, image: &Image) {
         let body = ok_bytes(app.get(&format!("/v2/{repo}/blobs/{}", blob.digest)).await).await;
         assert_eq!(sha256_digest(&body), blob.digest, "blob of {repo}");
     }
-}
-
-fn blob_path(dir: &Path, digest: &str) -> PathBuf {
-    let hex = digest.trim_start_matches("sha256:");
-    dir.join("store/blobs/sha256").join(&hex[..2]).join(hex)
 }
 
 fn digests<'a>(images: impl IntoIterator<Item = &'a Image>) -> BTreeSet<String> {

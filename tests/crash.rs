@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::app::{config_for, ok_bytes, TestApp};
 use common::binary::Regcache;
+use common::data_dir::{blob_path, count, db};
 use common::failing_store::FailingStore;
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::{sha256_digest, Image, ACCEPT_ALL_MANIFESTS};
@@ -67,18 +68,6 @@ fn ulid_like() -> u128 {
 
 // ----- what is stored and recorded ------------------------------------------------------
 
-fn db(data_dir: &Path) -> rusqlite::Connection {
-    rusqlite::Connection::open_with_flags(
-        data_dir.join("regcache.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open regcache.db read-only")
-}
-
-fn count(data_dir: &Path, sql: &str) -> i64 {
-    db(data_dir).query_row(sql, [], |r| r.get(0)).expect(sql)
-}
-
 fn blob_rows(data_dir: &Path) -> BTreeSet<String> {
     let db = db(data_dir);
     let mut stmt = db.prepare("SELECT digest FROM blobs").expect("prepare");
@@ -119,12 +108,6 @@ fn stored_objects(data_dir: &Path) -> BTreeSet<String> {
         }
     }
     out
-}
-
-/// Where the filesystem backend keeps the object of `digest`.
-fn object_file(data_dir: &Path, digest: &str) -> PathBuf {
-    let hex = digest.trim_start_matches("sha256:");
-    data_dir.join("store/blobs/sha256").join(&hex[..2]).join(hex)
 }
 
 fn tmp_files(data_dir: &Path) -> Vec<String> {
@@ -400,7 +383,7 @@ async fn sigkill_in_the_middle_of_a_deletion_batch() {
                         .prepare("SELECT digest FROM pending_deletes WHERE state = 'deleting'")
                         .expect("prepare");
                     let rows = stmt.query_map([], |r| r.get::<_, String>(0)).expect("query");
-                    rows.map(|d| object_file(&watched, &d.expect("digest"))).collect()
+                    rows.map(|d| blob_path(&watched, &d.expect("digest"))).collect()
                 };
                 while claimed.iter().all(|f| f.exists()) && Instant::now() < end {
                     std::hint::spin_loop();

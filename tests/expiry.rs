@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::app::{config_for, ok_bytes, TestApp};
+use common::data_dir::{blob_files, blob_path, count, db};
 use common::failing_store::{FailingStore, INJECTED};
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::{sha256_digest, Image, Index, ACCEPT_ALL_MANIFESTS};
@@ -74,45 +75,6 @@ async fn get_blob(client: &reqwest::Client, base: &str, repo: &str, digest: &str
         .await
         .expect("blob request");
     ok_bytes(resp).await
-}
-
-/// A read-only connection to the data dir's database (beside the running server).
-fn db(dir: &Path) -> rusqlite::Connection {
-    rusqlite::Connection::open_with_flags(
-        dir.join("regcache.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open regcache.db")
-}
-
-fn count(dir: &Path, sql: &str) -> i64 {
-    db(dir).query_row(sql, [], |r| r.get(0)).expect(sql)
-}
-
-/// The file the filesystem store keeps a blob in.
-fn blob_path(dir: &Path, digest: &str) -> PathBuf {
-    let hex = digest.trim_start_matches("sha256:");
-    dir.join("store/blobs/sha256").join(&hex[..2]).join(hex)
-}
-
-/// Every file under `store/blobs`.
-fn blob_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.join("store").join("blobs")];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 fn has_blob_row(dir: &Path, digest: &str) -> bool {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use common::app::{ok_bytes, TestApp};
+use common::data_dir::blob_path;
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::{sha256_digest, Blob, Image, ACCEPT_ALL_MANIFESTS};
 use common::wait_until_async;
@@ -32,11 +33,6 @@ async fn pull(app: &TestApp, repo: &str, reference: &str, image: &Image) {
         let body = ok_bytes(app.get(&format!("/v2/{repo}/blobs/{}", blob.digest)).await).await;
         assert_eq!(sha256_digest(&body), blob.digest, "served intact");
     }
-}
-
-fn blob_path(dir: &Path, digest: &str) -> PathBuf {
-    let hex = digest.trim_start_matches("sha256:");
-    dir.join("store/blobs/sha256").join(&hex[..2]).join(hex)
 }
 
 fn quarantine_path(dir: &Path, digest: &str) -> PathBuf {

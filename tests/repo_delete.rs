@@ -12,11 +12,12 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::app::ok_bytes;
 use common::binary::Regcache;
+use common::data_dir::{blob_path, db};
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::{sha256_digest, Blob, Image, ACCEPT_ALL_MANIFESTS, OCI_CONFIG, OCI_MANIFEST};
 use rusqlite::params;
@@ -86,21 +87,8 @@ impl Regcache {
 
 // ----- SQLite and storage -------------------------------------------------------------------
 
-fn db(data_dir: &Path) -> rusqlite::Connection {
-    rusqlite::Connection::open_with_flags(
-        data_dir.join("regcache.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open regcache.db read-only")
-}
-
 fn count(data_dir: &Path, sql: &str, p: impl rusqlite::Params) -> i64 {
     db(data_dir).query_row(sql, p, |r| r.get(0)).expect(sql)
-}
-
-fn blob_path(data_dir: &Path, digest: &str) -> PathBuf {
-    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
-    data_dir.join("store/blobs/sha256").join(&hex[..2]).join(hex)
 }
 
 fn repo_id(data_dir: &Path, name: &str) -> Option<i64> {

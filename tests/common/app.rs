@@ -130,36 +130,16 @@ impl TestApp {
 
     /// Opens the metadata database read-only, for checks on what was recorded.
     pub fn db(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open_with_flags(
-            self.data_dir().join("regcache.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .expect("open regcache.db")
+        super::data_dir::db(&self.config.server.data_dir)
     }
 
     pub fn count(&self, sql: &str) -> i64 {
-        self.db().query_row(sql, [], |r| r.get(0)).expect(sql)
+        super::data_dir::count(&self.config.server.data_dir, sql)
     }
 
     /// Files under the filesystem store's blob directory (`data_dir/store/blobs`).
     pub fn stored_blob_files(&self) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        let root = self.data_dir().join("store").join("blobs");
-        let mut stack = vec![root];
-        while let Some(dir) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    out.push(p);
-                }
-            }
-        }
-        out
+        super::data_dir::blob_files(&self.config.server.data_dir)
     }
 
     /// Files left in the temporary download directory.

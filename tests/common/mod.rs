@@ -11,6 +11,7 @@
 pub mod app;
 pub mod binary;
 pub mod containerd;
+pub mod data_dir;
 pub mod external;
 pub mod failing_store;
 pub mod fixture_upstream;
