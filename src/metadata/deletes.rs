@@ -32,11 +32,22 @@ impl Metadata {
             let mut stmt = tx.prepare(
                 "UPDATE pending_deletes SET state = 'deleting', lease_until = ?1 + ?3
                   WHERE digest IN (
-                    SELECT p.digest FROM pending_deletes p
-                     WHERE ((p.state = 'pending' AND p.next_attempt_at <= ?1)
-                         OR (p.state = 'deleting' AND p.lease_until <= ?1))
-                       AND NOT EXISTS (SELECT 1 FROM write_intents w WHERE w.digest = p.digest AND w.expires_at > ?1)
-                     ORDER BY p.next_attempt_at LIMIT ?2)
+                    -- One ordered range of the (state, next_attempt_at) index per state,
+                    -- each stopping at the limit: an OR of the two reads and sorts every
+                    -- due row, which at a million pending deletes dominates a round.
+                    SELECT digest FROM (
+                      SELECT digest, next_attempt_at FROM (
+                        SELECT p.digest, p.next_attempt_at FROM pending_deletes p
+                         WHERE p.state = 'pending' AND p.next_attempt_at <= ?1
+                           AND NOT EXISTS (SELECT 1 FROM write_intents w WHERE w.digest = p.digest AND w.expires_at > ?1)
+                         ORDER BY p.next_attempt_at LIMIT ?2)
+                      UNION ALL
+                      SELECT digest, next_attempt_at FROM (
+                        SELECT p.digest, p.next_attempt_at FROM pending_deletes p
+                         WHERE p.state = 'deleting' AND p.lease_until <= ?1
+                           AND NOT EXISTS (SELECT 1 FROM write_intents w WHERE w.digest = p.digest AND w.expires_at > ?1)
+                         ORDER BY p.next_attempt_at LIMIT ?2))
+                     ORDER BY next_attempt_at LIMIT ?2)
                  RETURNING digest, attempts",
             )?;
             let rows = stmt.query_map(params![now, limit, CLAIM_LEASE_SECS], |r| {
