@@ -11,10 +11,10 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use common::app::{error_code, ok_bytes, TestApp};
+use common::app::{error_code, TestApp};
 use common::data_dir::blob_path;
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
-use common::images::{sha256_digest, Image};
+use common::images::Image;
 use common::wait_until_async;
 use regcache::config::{Config, Duration as CfgDuration, Secret};
 use reqwest::header::{AUTHORIZATION, LOCATION, WWW_AUTHENTICATE};
@@ -137,14 +137,8 @@ async fn wait_succeeded(app: &TestApp, id: i64) -> Value {
     j
 }
 
-/// Pulls `repo:tag` like a client: the manifest, then every blob, each checked.
 async fn pull(app: &TestApp, repo: &str, tag: &str, image: &Image) {
-    let resp = app.get_manifest(&format!("/v2/{repo}/manifests/{tag}")).await;
-    assert_eq!(ok_bytes(resp).await, image.manifest.bytes, "{repo}:{tag}");
-    for blob in image.blobs() {
-        let body = ok_bytes(app.get(&format!("/v2/{repo}/blobs/{}", blob.digest)).await).await;
-        assert_eq!(sha256_digest(&body), blob.digest, "blob of {repo}");
-    }
+    app.pull(repo, tag, image).await;
 }
 
 fn digests<'a>(images: impl IntoIterator<Item = &'a Image>) -> BTreeSet<String> {

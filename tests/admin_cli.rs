@@ -12,12 +12,12 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::app::{ok_bytes, TestApp};
+use common::app::{pull_image, TestApp};
 use common::binary::{self, write, ChildGuard, Output, BIN};
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
-use common::images::{sha256_digest, Image, ACCEPT_ALL_MANIFESTS};
+use common::images::Image;
 use regcache::config::Secret;
-use reqwest::header::{ACCEPT, AUTHORIZATION};
+use reqwest::header::AUTHORIZATION;
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -43,24 +43,6 @@ fn run_async(args: &[&str], cwd: &Path) -> impl std::future::Future<Output = Out
         })
         .await
         .expect("CLI runner")
-    }
-}
-
-async fn pull(client: &reqwest::Client, base: &str, repo: &str, tag: &str, image: &Image) {
-    let resp = client
-        .get(format!("{base}/v2/{repo}/manifests/{tag}"))
-        .header(ACCEPT, ACCEPT_ALL_MANIFESTS)
-        .send()
-        .await
-        .expect("manifest request");
-    assert_eq!(ok_bytes(resp).await, image.manifest.bytes, "{repo}:{tag}");
-    for blob in image.blobs() {
-        let resp = client
-            .get(format!("{base}/v2/{repo}/blobs/{}", blob.digest))
-            .send()
-            .await
-            .expect("blob request");
-        assert_eq!(sha256_digest(&ok_bytes(resp).await), blob.digest);
     }
 }
 
@@ -204,7 +186,7 @@ async fn the_admin_token_never_appears_in_debug_logs() {
         req.send()
     };
 
-    pull(&client, &base, "acme/app", "v1", &image).await;
+    pull_image(&client, &base, "acme/app", "v1", &image).await;
     // A client that sends the admin token to the registry API too.
     let resp = send(Method::GET, "/v2/acme/app/manifests/v1", Some(&good))
         .await
@@ -310,8 +292,8 @@ async fn purge_jobs_repos_and_delete_repo_from_the_cli_reach_the_running_server(
         c.admin.token = Some(Secret::new(TOKEN));
     })
     .await;
-    pull(&app.client, &app.base, "acme/app", "v1", &v1).await;
-    pull(&app.client, &app.base, "acme/other", "latest", &other).await;
+    pull_image(&app.client, &app.base, "acme/app", "v1", &v1).await;
+    pull_image(&app.client, &app.base, "acme/other", "latest", &other).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let config = write(
         dir.path(),

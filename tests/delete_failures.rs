@@ -29,14 +29,8 @@ fn blob_key(digest: &str) -> ObjectPath {
     ObjectPath::from(format!("blobs/sha256/{}/{hex}", &hex[..2]))
 }
 
-/// Pulls manifest and blobs of `image` through regcache and checks every byte by sha256.
 async fn pull_image(app: &TestApp, repo: &str, image: &Image) {
-    let resp = app.get_manifest(&format!("/v2/{repo}/manifests/v1")).await;
-    assert_eq!(ok_bytes(resp).await, image.manifest.bytes, "manifest of {repo}");
-    for blob in image.blobs() {
-        let body = ok_bytes(app.get(&format!("/v2/{repo}/blobs/{}", blob.digest)).await).await;
-        assert_eq!(sha256_digest(&body), blob.digest, "blob of {repo} is intact");
-    }
+    app.pull(repo, "v1", image).await;
 }
 
 /// A `pending_deletes` row.

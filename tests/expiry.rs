@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::app::{config_for, ok_bytes, TestApp};
+use common::app::{config_for, ok_bytes, pull_image, TestApp};
 use common::data_dir::{blob_files, blob_path, count, db};
 use common::failing_store::{FailingStore, INJECTED};
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
@@ -46,26 +46,6 @@ fn now_secs() -> i64 {
 
 fn ttl(secs: u64) -> CfgDuration {
     CfgDuration::from_secs(secs)
-}
-
-/// Pulls `repo:reference` like a client: the manifest, then every blob, each checked
-/// against its digest.
-async fn pull(client: &reqwest::Client, base: &str, repo: &str, reference: &str, image: &Image) {
-    let resp = client
-        .get(format!("{base}/v2/{repo}/manifests/{reference}"))
-        .header(ACCEPT, ACCEPT_ALL_MANIFESTS)
-        .send()
-        .await
-        .expect("manifest request");
-    assert_eq!(
-        ok_bytes(resp).await,
-        image.manifest.bytes,
-        "manifest of {repo}:{reference}"
-    );
-    for blob in image.blobs() {
-        let body = get_blob(client, base, repo, &blob.digest).await;
-        assert_eq!(sha256_digest(&body), blob.digest, "blob of {repo}");
-    }
 }
 
 async fn get_blob(client: &reqwest::Client, base: &str, repo: &str, digest: &str) -> bytes::Bytes {
@@ -197,7 +177,7 @@ async fn deferred_entries_are_collected_at_switch_time_plus_ttl() {
     })
     .await;
     let dir = app.data_dir();
-    pull(&app.client, &app.base, "team/app", "v1", &image).await;
+    pull_image(&app.client, &app.base, "team/app", "v1", &image).await;
     assert_eq!(blob_files(&dir).len(), 3, "config and two layers stored");
 
     wait_until_async("every entry is deferred", DEADLINE, || async {
@@ -213,7 +193,7 @@ async fn deferred_entries_are_collected_at_switch_time_plus_ttl() {
     upstream.stop().await;
     let used_at = now_secs();
     upstream.reset_log();
-    pull(&app.client, &app.base, "team/app", "v1", &image).await;
+    pull_image(&app.client, &app.base, "team/app", "v1", &image).await;
     assert_eq!(upstream.log().len(), 0, "upstream is down; served from cache");
     // That pull is a use: at the next flush it un-defers what it used, which then
     // expires (and is deferred) again. Wait for both, so every entry is deferred at the
@@ -296,7 +276,7 @@ fn three_images(upstream: &FixtureUpstream, seed: &str) -> Vec<(&'static str, &'
 
 async fn pull_all(client: &reqwest::Client, base: &str, images: &[(&str, &str, Image)]) {
     for (repo, tag, image) in images {
-        pull(client, base, repo, tag, image).await;
+        pull_image(client, base, repo, tag, image).await;
     }
 }
 
@@ -451,9 +431,9 @@ async fn per_upstream_ttl_overrides_proxy_ttl() {
     })
     .await;
     let dir = app.data_dir();
-    pull(&app.client, &app.base, "app", "v1", &shared).await;
-    pull(&app.client, &app.base, "short/app", "v1", &shared).await;
-    pull(&app.client, &app.base, "short/solo", "v1", &solo).await;
+    pull_image(&app.client, &app.base, "app", "v1", &shared).await;
+    pull_image(&app.client, &app.base, "short/app", "v1", &shared).await;
+    pull_image(&app.client, &app.base, "short/solo", "v1", &solo).await;
 
     let applied: Vec<(String, i64)> = {
         let conn = db(&dir);
@@ -501,7 +481,7 @@ async fn per_upstream_ttl_overrides_proxy_ttl() {
         "solo's deletes finished"
     );
     upstream.reset_log();
-    pull(&app.client, &app.base, "app", "v1", &shared).await;
+    pull_image(&app.client, &app.base, "app", "v1", &shared).await;
     assert_eq!(upstream.requests(Method::GET, "/blobs/"), 0);
 }
 
@@ -517,7 +497,7 @@ async fn an_index_and_its_children_are_collected() {
     let resp = app.get_manifest("/v2/team/multi/manifests/v1").await;
     assert_eq!(ok_bytes(resp).await, index.manifest.bytes);
     for (_, image) in &index.images {
-        pull(
+        pull_image(
             &app.client,
             &app.base,
             "team/multi",
@@ -555,14 +535,14 @@ async fn shared_layer_outlives_one_repositorys_expiry() {
     .await;
     let dir = app.data_dir();
 
-    pull(&app.client, &app.base, "team/a", "v1", &a).await;
+    pull_image(&app.client, &app.base, "team/a", "v1", &a).await;
     let pulled_a = now_secs();
     // B later, so it is due at least 3 s after A.
     wait_until_async("3 s after A's pull", DEADLINE, || async {
         now_secs() >= pulled_a + 3
     })
     .await;
-    pull(&app.client, &app.base, "team/b", "v1", &b).await;
+    pull_image(&app.client, &app.base, "team/b", "v1", &b).await;
     assert_eq!(upstream.blob_gets(&shared.digest), 1, "B reuses A's stored layer");
     assert_eq!(blob_files(&dir).len(), 4);
 
@@ -622,7 +602,7 @@ async fn pulls_extend_expiry() {
     })
     .await;
     let dir = app.data_dir();
-    pull(&app.client, &app.base, "team/app", "v1", &image).await;
+    pull_image(&app.client, &app.base, "team/app", "v1", &image).await;
     let first = entries(&dir);
     assert_eq!(first.len(), 5);
     let first_due = first.iter().filter_map(|r| r.1).max().unwrap();
@@ -630,7 +610,7 @@ async fn pulls_extend_expiry() {
     // Pull once a second until well past the first due time.
     while now_secs() <= first_due + 4 {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        pull(&app.client, &app.base, "team/app", "v1", &image).await;
+        pull_image(&app.client, &app.base, "team/app", "v1", &image).await;
     }
     for blob in image.blobs() {
         assert_eq!(upstream.blob_gets(&blob.digest), 1, "never refetched");
@@ -667,7 +647,7 @@ async fn blob_pulled_again_while_its_delete_is_pending_is_rescued() {
     })
     .await;
     let dir = app.data_dir();
-    pull(&app.client, &app.base, "team/app", "v1", &image).await;
+    pull_image(&app.client, &app.base, "team/app", "v1", &image).await;
     store.fail_deletes_forever();
 
     let digests: Vec<&str> = image.blobs().map(|b| b.digest.as_str()).collect();
@@ -749,7 +729,7 @@ async fn blob_pulled_again_while_its_delete_is_pending_is_rescued() {
         assert!(has_blob_row(&dir, &blob.digest));
     }
     upstream.reset_log();
-    pull(&app.client, &app.base, "team/app", "v1", &image).await;
+    pull_image(&app.client, &app.base, "team/app", "v1", &image).await;
     assert_eq!(upstream.blob_gets(&image.config.digest), 0);
     assert_eq!(upstream.blob_gets(&image.layers[0].digest), 0);
     assert_eq!(
@@ -770,7 +750,7 @@ async fn blob_pulled_while_being_deleted_is_served_from_upstream_uncached() {
     upstream.add_image("team/app", Some("v1"), &image);
     let (mut app, store) = flaky_app(&upstream.url(), |c| c.proxy.ttl = ttl(3)).await;
     let dir = app.data_dir();
-    pull(&app.client, &app.base, "team/app", "v1", &image).await;
+    pull_image(&app.client, &app.base, "team/app", "v1", &image).await;
     store.block_deletes();
 
     // The first delete claimed blocks at the gate (and the worker with it); expiry may
@@ -901,7 +881,7 @@ async fn status_reports_counts_queue_and_applied_settings() {
     let cli_config = write_cli_config(&dir);
     let cfg = cli_config.to_str().unwrap();
     store.fail_deletes_forever();
-    pull(&app.client, &app.base, "team/app", "v1", &first).await;
+    pull_image(&app.client, &app.base, "team/app", "v1", &first).await;
     wait_until_async("the deletes failed", DEADLINE, || async {
         count(
             &dir,
@@ -909,7 +889,7 @@ async fn status_reports_counts_queue_and_applied_settings() {
         ) == 3
     })
     .await;
-    pull(&app.client, &app.base, "long/team/tool", "v2", &second).await;
+    pull_image(&app.client, &app.base, "long/team/tool", "v2", &second).await;
 
     let (text, _) = run_cli(&["status", "--config", cfg]).await;
     let (json, _) = run_cli(&["status", "--json", "--config", cfg]).await;
@@ -1030,11 +1010,11 @@ async fn size_bound_evicts_least_recently_used_down_to_low_watermark() {
     })
     .await;
     let dir = app.data_dir();
-    pull(&app.client, &app.base, "lru/app0", "v1", &images[0]).await;
+    pull_image(&app.client, &app.base, "lru/app0", "v1", &images[0]).await;
     // The rest strictly later (last use has second granularity).
     wait_for_next_second(count(&dir, "SELECT max(last_used_at) FROM blobs")).await;
     for (i, image) in images.iter().enumerate().skip(1) {
-        pull(&app.client, &app.base, &format!("lru/app{i}"), "v1", image).await;
+        pull_image(&app.client, &app.base, &format!("lru/app{i}"), "v1", image).await;
     }
     let total: i64 = images.iter().flat_map(Image::blobs).map(|b| b.len() as i64).sum();
     assert!(total > max.as_u64() as i64, "the images exceed the bound");
@@ -1062,14 +1042,14 @@ async fn size_bound_evicts_least_recently_used_down_to_low_watermark() {
     }
     upstream.reset_log();
     for (i, image) in images.iter().enumerate().skip(1) {
-        pull(&app.client, &app.base, &format!("lru/app{i}"), "v1", image).await;
+        pull_image(&app.client, &app.base, &format!("lru/app{i}"), "v1", image).await;
     }
     assert_eq!(
         upstream.requests(Method::GET, "/blobs/"),
         0,
         "recently used images served from the store"
     );
-    pull(&app.client, &app.base, "lru/app0", "v1", &images[0]).await;
+    pull_image(&app.client, &app.base, "lru/app0", "v1", &images[0]).await;
     assert_eq!(
         upstream.blob_gets(&oldest.digest),
         1,
@@ -1100,7 +1080,7 @@ async fn blob_being_served_is_not_evicted() {
     })
     .await;
     let dir = app.data_dir();
-    pull(&app.client, &app.base, "big/app", "v1", &big).await;
+    pull_image(&app.client, &app.base, "big/app", "v1", &big).await;
     let layer = &big.layers[0];
 
     // A cache hit, held open: headers received, body not read.
@@ -1110,7 +1090,7 @@ async fn blob_being_served_is_not_evicted() {
     // Newer content, strictly later than the held blob's use, over the bound.
     wait_for_next_second(held_at).await;
     for (i, image) in fillers.iter().enumerate() {
-        pull(&app.client, &app.base, &format!("fill/app{i}"), "v1", image).await;
+        pull_image(&app.client, &app.base, &format!("fill/app{i}"), "v1", image).await;
     }
     wait_until_async(
         "eviction brings the store under the low watermark and its deletes finish",

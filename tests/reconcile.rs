@@ -9,30 +9,18 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use common::app::{ok_bytes, TestApp};
+use common::app::TestApp;
 use common::data_dir::blob_path;
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
-use common::images::{sha256_digest, Blob, Image, ACCEPT_ALL_MANIFESTS};
+use common::images::{sha256_digest, Blob, Image};
 use common::wait_until_async;
 use regcache::config::Duration as CfgDuration;
-use reqwest::header::ACCEPT;
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
 async fn pull(app: &TestApp, repo: &str, reference: &str, image: &Image) {
-    let resp = app
-        .client
-        .get(app.url(&format!("/v2/{repo}/manifests/{reference}")))
-        .header(ACCEPT, ACCEPT_ALL_MANIFESTS)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok_bytes(resp).await, image.manifest.bytes);
-    for blob in image.blobs() {
-        let body = ok_bytes(app.get(&format!("/v2/{repo}/blobs/{}", blob.digest)).await).await;
-        assert_eq!(sha256_digest(&body), blob.digest, "served intact");
-    }
+    app.pull(repo, reference, image).await;
 }
 
 fn quarantine_path(dir: &Path, digest: &str) -> PathBuf {

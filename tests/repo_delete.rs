@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::app::ok_bytes;
+use common::app::{ok_bytes, pull_image};
 use common::binary::Regcache;
 use common::data_dir::{blob_path, db};
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
@@ -288,21 +288,7 @@ fn seed_big_repository(data_dir: &Path, other: &Image) -> Seeded {
 
 /// Pulls `image` under `repo` by tag `v1` (manifest and every blob), checking every byte.
 async fn pull(client: &reqwest::Client, base: &str, repo: &str, image: &Image) {
-    let resp = client
-        .get(format!("{base}/v2/{repo}/manifests/v1"))
-        .header(reqwest::header::ACCEPT, ACCEPT_ALL_MANIFESTS)
-        .send()
-        .await
-        .expect("manifest request");
-    assert_eq!(ok_bytes(resp).await, image.manifest.bytes, "manifest of {repo}");
-    for blob in image.blobs() {
-        let resp = client
-            .get(format!("{base}/v2/{repo}/blobs/{}", blob.digest))
-            .send()
-            .await
-            .expect("blob request");
-        assert_eq!(ok_bytes(resp).await, blob.bytes, "blob of {repo}");
-    }
+    pull_image(client, base, repo, "v1", image).await;
 }
 
 // ----- the test -----------------------------------------------------------------------------

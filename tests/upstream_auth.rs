@@ -24,15 +24,8 @@ fn image() -> Image {
     Image::new("upstream-auth", &[4000, 300], CREATED)
 }
 
-/// Pulls `image` from `REPO` through regcache like a client does: manifest by tag, then
-/// every blob; checks every body.
 async fn pull(app: &TestApp, repo: &str, image: &Image) {
-    let manifest = ok_bytes(app.get_manifest(&format!("/v2/{repo}/manifests/v1")).await).await;
-    assert_eq!(manifest, image.manifest.bytes);
-    for blob in image.blobs() {
-        let body = ok_bytes(app.get(&format!("/v2/{repo}/blobs/{}", blob.digest)).await).await;
-        assert_eq!(body, blob.bytes, "blob {}", blob.digest);
-    }
+    app.pull(repo, "v1", image).await;
 }
 
 fn with_credentials(password: &str) -> impl FnOnce(&mut regcache::config::Config) {

@@ -6,7 +6,7 @@ use regcache::server::RunningServer;
 use reqwest::header::ACCEPT;
 use std::path::{Path, PathBuf};
 
-use super::images::ACCEPT_ALL_MANIFESTS;
+use super::images::{sha256_digest, Image, ACCEPT_ALL_MANIFESTS};
 
 pub struct TestApp {
     server: Option<RunningServer>,
@@ -159,6 +159,39 @@ pub async fn ok_bytes(resp: reqwest::Response) -> bytes::Bytes {
         String::from_utf8_lossy(&body)
     );
     body
+}
+
+/// Pulls `repo:reference` from `base` like a client: the manifest, then every blob; checks
+/// every body byte for byte and every blob against its digest.
+pub async fn pull_image(client: &reqwest::Client, base: &str, repo: &str, reference: &str, image: &Image) {
+    let resp = client
+        .get(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header(ACCEPT, ACCEPT_ALL_MANIFESTS)
+        .send()
+        .await
+        .expect("manifest request");
+    assert_eq!(
+        ok_bytes(resp).await,
+        image.manifest.bytes,
+        "manifest of {repo}:{reference}"
+    );
+    for blob in image.blobs() {
+        let resp = client
+            .get(format!("{base}/v2/{repo}/blobs/{}", blob.digest))
+            .send()
+            .await
+            .expect("blob request");
+        let body = ok_bytes(resp).await;
+        assert_eq!(sha256_digest(&body), blob.digest, "blob of {repo} is intact");
+        assert_eq!(body, blob.bytes, "blob {} of {repo}", blob.digest);
+    }
+}
+
+impl TestApp {
+    /// `pull_image` through this app.
+    pub async fn pull(&self, repo: &str, reference: &str, image: &Image) {
+        pull_image(&self.client, &self.base, repo, reference, image).await;
+    }
 }
 
 /// The OCI error code of an error response.
