@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::app::{ok_bytes, TestApp};
+use common::binary::run_ok_async;
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::{Image, ACCEPT_ALL_MANIFESTS};
 use common::wait_until_async;
@@ -23,7 +24,6 @@ use regcache::metadata::{now_secs, Metadata, RepoKey};
 use regcache::scheduler::{ActiveBlobs, JobSettings, Scheduler, SchedulerSettings};
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_regcache");
 const TOKEN: &str = "cleanup-test-admin-token-0123456789";
 const DEADLINE: Duration = Duration::from_secs(30);
 const DAY: i64 = 86_400;
@@ -257,21 +257,9 @@ impl World {
 
     /// `regcache <args> --config F`, which must succeed; its stdout.
     async fn cli(&self, args: &[&str]) -> String {
-        let out = tokio::process::Command::new(BIN)
-            .args(args)
-            .arg("--config")
-            .arg(&self.config_path)
-            .env_clear()
-            .kill_on_drop(true)
-            .output()
-            .await
-            .expect("running regcache");
-        assert!(
-            out.status.success(),
-            "regcache {args:?}: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let config = self.config_path.to_str().expect("UTF-8 path");
+        let args: Vec<&str> = args.iter().copied().chain(["--config", config]).collect();
+        let out = run_ok_async(&args).await;
         String::from_utf8(out.stdout).expect("UTF-8 output")
     }
 

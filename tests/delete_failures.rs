@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::app::{config_for, ok_bytes, TestApp};
+use common::binary::run_ok_async;
 use common::external::{MotoS3, MOTO_ACCESS_KEY, MOTO_REGION, MOTO_SECRET_KEY};
 use common::failing_store::{FailingStore, INJECTED};
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
@@ -19,7 +20,6 @@ use object_store::path::Path as ObjectPath;
 use object_store::ObjectStore;
 use regcache::config::{Backend, Config, Duration as CfgDuration, S3Config, Secret};
 
-const BIN: &str = env!("CARGO_BIN_EXE_regcache");
 /// Bound on every wait for background work (expiry, deletes, retries).
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -235,26 +235,8 @@ async fn failed_deletes_back_off_survive_a_restart_and_finish_once_storage_heals
     app.stop().await;
 }
 
-/// Runs the regcache binary with `args` and a clean environment.
-async fn run_bin(args: &[&str]) -> std::process::Output {
-    let out = tokio::process::Command::new(BIN)
-        .args(args)
-        .env_clear()
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("running regcache");
-    assert!(
-        out.status.success(),
-        "regcache {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 async fn status_json(config_file: &str) -> serde_json::Value {
-    let out = run_bin(&["status", "--json", "--config", config_file]).await;
+    let out = run_ok_async(&["status", "--json", "--config", config_file]).await;
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "status --json prints JSON ({e}): {}",
@@ -309,7 +291,7 @@ async fn status_names_the_oldest_failing_delete_with_its_error() {
     );
     assert!(failing["next_attempt_at"].as_i64().is_some(), "{status:#}");
     assert_eq!(status["pending_deletes"]["count"], digests.len(), "{status:#}");
-    let text = run_bin(&["status", "--config", &config_file]).await;
+    let text = run_ok_async(&["status", "--config", &config_file]).await;
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains("oldest failing delete") && text.contains(digest) && text.contains(INJECTED),

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::app::{config_for, ok_bytes, pull_image, TestApp};
+use common::binary::run_ok_async;
 use common::data_dir::{blob_files, blob_path, count, db};
 use common::failing_store::{FailingStore, INJECTED};
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
@@ -828,22 +829,11 @@ async fn blob_pulled_while_being_deleted_is_served_from_upstream_uncached() {
 // ----- regcache status ------------------------------------------------------------------
 
 async fn run_cli(args: &[&str]) -> (String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
-        .args(args)
-        .env_clear()
-        .output()
-        .await
-        .expect("run regcache");
-    let (stdout, stderr) = (
+    let out = run_ok_async(args).await;
+    (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(
-        out.status.success(),
-        "regcache {args:?}: {}\n{stdout}\n{stderr}",
-        out.status
-    );
-    (stdout, stderr)
+    )
 }
 
 fn write_cli_config(dir: &Path) -> PathBuf {

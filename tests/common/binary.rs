@@ -94,6 +94,26 @@ pub fn run(args: &[&str], env: &[(&str, &str)], cwd: &Path, deadline: Duration) 
     }
 }
 
+/// Runs the binary with `args` and an empty environment from async code (killed if the
+/// future is dropped); asserts it exits 0 and returns what it printed.
+pub async fn run_ok_async(args: &[&str]) -> std::process::Output {
+    let out = tokio::process::Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("running regcache");
+    assert!(
+        out.status.success(),
+        "regcache {args:?}: {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Writes `text` to `dir/name`; returns the path as a string for an argument list.
 pub fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
@@ -240,20 +260,8 @@ impl Regcache {
 
     /// `regcache fsck --json` beside this server, on its data directory.
     pub async fn fsck(&self) -> Value {
-        let out = tokio::process::Command::new(BIN)
-            .args(["fsck", "--json", "--config"])
-            .arg(&self.config)
-            .env_clear()
-            .kill_on_drop(true)
-            .output()
-            .await
-            .expect("running regcache fsck");
-        assert!(
-            out.status.success(),
-            "fsck: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let config = self.config.to_str().expect("UTF-8 path");
+        let out = run_ok_async(&["fsck", "--json", "--config", config]).await;
         serde_json::from_slice(&out.stdout).expect("fsck --json prints JSON")
     }
 }
