@@ -71,16 +71,14 @@ impl Metadata {
         backoff: Backoff,
     ) -> Result<(), MetadataError> {
         self.write(move |tx| {
+            let mut finish =
+                tx.prepare_cached("DELETE FROM pending_deletes WHERE digest = ?1 AND state = 'deleting'")?;
+            let mut forget = tx.prepare_cached(
+                "DELETE FROM blobs WHERE digest = ?1 AND NOT EXISTS (SELECT 1 FROM repo_blobs WHERE digest = ?1)",
+            )?;
             for digest in &done {
-                let ours = tx.execute(
-                    "DELETE FROM pending_deletes WHERE digest = ?1 AND state = 'deleting'",
-                    [digest],
-                )?;
-                if ours > 0 {
-                    tx.execute(
-                        "DELETE FROM blobs WHERE digest = ?1 AND NOT EXISTS (SELECT 1 FROM repo_blobs WHERE digest = ?1)",
-                        [digest],
-                    )?;
+                if finish.execute([digest])? > 0 {
+                    forget.execute([digest])?;
                 }
             }
             let mut retry = tx.prepare_cached(
