@@ -1,15 +1,20 @@
 //! Deleting blobs: in bulk where the backend can (S3's DeleteObjects through
-//! `delete_stream`), with not-found counted as deleted (I3).
+//! `delete_stream`; plain unlinks on one thread for the filesystem), with not-found
+//! counted as deleted (I3).
 
 use super::BlobStore;
 use crate::oci::Digest;
 use futures::StreamExt;
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 impl BlobStore {
     /// Deletes the objects of `digests`; returns the ones confirmed gone and the ones that
     /// failed with their error. A missing object counts as gone.
     pub async fn delete_many(&self, digests: &[Digest]) -> (Vec<Digest>, Vec<(Digest, String)>) {
+        if self.local_root.is_some() {
+            return self.unlink_local(digests).await;
+        }
         let by_key: HashMap<String, Digest> = digests
             .iter()
             .map(|d| (self.key(d).to_string(), d.clone()))
@@ -65,6 +70,40 @@ impl BlobStore {
     }
 }
 
+impl BlobStore {
+    /// The filesystem backend: every file unlinked on one blocking thread. object_store's
+    /// local delete runs one blocking task per file, ten at a time, which capped deletion
+    /// near 1 700 files/s at a million pending deletes.
+    async fn unlink_local(&self, digests: &[Digest]) -> (Vec<Digest>, Vec<(Digest, String)>) {
+        let paths: Vec<(Digest, PathBuf)> = digests
+            .iter()
+            .filter_map(|d| self.local_path(&self.key(d)).map(|p| (d.clone(), p)))
+            .collect();
+        let unlink = move || {
+            let mut done = Vec::with_capacity(paths.len());
+            let mut failed = Vec::new();
+            for (digest, path) in paths {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => done.push(digest),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => done.push(digest),
+                    Err(e) => failed.push((digest, format!("removing {}: {e}", path.display()))),
+                }
+            }
+            (done, failed)
+        };
+        match tokio::task::spawn_blocking(unlink).await {
+            Ok(outcome) => outcome,
+            Err(e) => (
+                Vec::new(),
+                digests
+                    .iter()
+                    .map(|d| (d.clone(), format!("delete task failed: {e}")))
+                    .collect(),
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::StorageConfig;
@@ -83,5 +122,27 @@ mod tests {
         assert!(failed.is_empty(), "{failed:?}");
         assert_eq!(done.len(), 2);
         assert_eq!(store.size_of(&present).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_file_that_cannot_be_removed_is_reported_failed_with_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::storage::build(&StorageConfig::default(), dir.path()).unwrap();
+        let blocked = Digest::of(b"blocked");
+        // A directory where the blob file should be: unlink fails (EISDIR), not "not found".
+        let hex = blocked.hex();
+        let at = dir.path().join("store/blobs/sha256").join(&hex[..2]).join(hex);
+        std::fs::create_dir_all(at.join("inside")).unwrap();
+        let gone = Digest::of(b"never stored");
+        let (done, failed) = store.delete_many(&[blocked.clone(), gone.clone()]).await;
+        assert_eq!(done, vec![gone]);
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].0, blocked);
+        assert!(
+            failed[0].1.contains(hex),
+            "the error names the file: {}",
+            failed[0].1
+        );
+        assert!(at.exists());
     }
 }
