@@ -10,6 +10,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// Readers beside the writer. Reads are short point lookups; four keep two cores busy
 /// without holding many page caches.
 const READERS: usize = 4;
+/// The writer's page cache, in KiB (negative: SQLite reads it as KiB). Readers keep
+/// SQLite's default of 2 MiB.
+const WRITER_CACHE_KIB: i64 = -16 * 1024;
+/// WAL pages after which a commit checkpoints: 256 MiB at 4 KiB pages.
+const WAL_CHECKPOINT_PAGES: i64 = 64 * 1024;
+/// What the WAL file is truncated to after a checkpoint, so a burst of bulk work does not
+/// keep its peak size on disk.
+const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
 /// How long a connection waits for a lock before SQLITE_BUSY.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -49,6 +57,7 @@ impl Metadata {
         };
         let mut writer = Connection::open(path).map_err(open_err)?;
         configure(&writer)?;
+        configure_writer(&writer)?;
         writer
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
             .map_err(open_err)?;
@@ -120,6 +129,20 @@ fn configure(conn: &Connection) -> Result<(), MetadataError> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(())
+}
+
+/// The writer does the bulk work (expiry, deletion, purges), whose batches touch pages
+/// all over the indexes of a large database. Measured on a million-entry cache, a
+/// checkpoint after every batch (the default, at 4 MiB of WAL; a batch writes about
+/// 64 MiB) was half of expiry's time: checkpointing at 256 MiB lets a page changed by
+/// several batches be copied once (a third less time in a replay of expiry). Sorts
+/// stay in memory, and a larger page cache than a reader's keeps the inner index pages.
+fn configure_writer(conn: &Connection) -> Result<(), MetadataError> {
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
     Ok(())
 }
 
