@@ -206,6 +206,45 @@ async fn fsck_reports_on_dry_run_then_deletes_orphans_and_repairs_rows() {
     );
 }
 
+/// A blob whose delete is in flight (claimed by a worker, object already unlinked, rows
+/// not yet finished) is not "missing": fsck leaves it to the worker, neither counting nor
+/// "repairing" it, and the claim survives. Repairing it dropped the claim, so a refetch
+/// could write the object again just before the worker's unlink removed it.
+#[tokio::test]
+async fn fsck_leaves_a_blob_whose_delete_is_in_flight_to_its_worker() {
+    let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
+    let image = Image::new("fsck-in-flight", &[3000], "2024-01-01T00:00:00Z");
+    upstream.add_image("team/app", Some("v1"), &image);
+    let app = TestApp::start(&upstream.url()).await;
+    let dir = app.data_dir();
+    pull(&app, "team/app", "v1", &image).await;
+    let going = &image.layers[0];
+    // What a deletion worker leaves between its unlink and its finishing transaction.
+    rusqlite::Connection::open(dir.join("regcache.db"))
+        .unwrap()
+        .execute(
+            "INSERT INTO pending_deletes (digest, size_bytes, reason, state, next_attempt_at, lease_until, created_at)
+             VALUES (?1, 3000, 'expired', 'deleting', 0, unixepoch() + 3600, unixepoch())",
+            [&going.digest],
+        )
+        .unwrap();
+    std::fs::remove_file(blob_path(&dir, &going.digest)).unwrap();
+    let config = write_cli_config(&dir);
+
+    let report = fsck_json(&config, &[]).await;
+    assert_report(&report, &[("missing_objects", 0), ("rows_repaired", 0)]);
+    let state: String = app
+        .db()
+        .query_row(
+            "SELECT state FROM pending_deletes WHERE digest = ?1",
+            [&going.digest],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(state, "deleting", "the worker's claim is kept");
+    assert_eq!(rows_of(&app, &going.digest).0, 1, "the worker finishes the row");
+}
+
 /// `fsck --verify` re-hashes stored blobs: one overwritten with same-length garbage is
 /// reported (dry run: only reported), then quarantined under `store/quarantine/sha256/`
 /// with its row gone; the next pull refetches it.

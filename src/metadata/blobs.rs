@@ -126,7 +126,13 @@ impl Metadata {
         let digest = digest.to_owned();
         self.write(move |tx| {
             tx.execute("DELETE FROM repo_blobs WHERE digest = ?1", [&digest])?;
-            tx.execute("DELETE FROM pending_deletes WHERE digest = ?1", [&digest])?;
+            // A delete in flight keeps its claim: the worker finishes it, and until then a
+            // refetch is served without being stored (see `begin_write`) rather than
+            // written under a key the worker is about to unlink.
+            tx.execute(
+                "DELETE FROM pending_deletes WHERE digest = ?1 AND state != 'deleting'",
+                [&digest],
+            )?;
             tx.execute("DELETE FROM blobs WHERE digest = ?1", [&digest])?;
             Ok(())
         })

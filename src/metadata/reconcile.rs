@@ -29,7 +29,8 @@ impl Metadata {
         .await
     }
 
-    /// Blob rows ordered by digest, after `after`, at most `limit`: (digest, size).
+    /// Blob rows ordered by digest, after `after`, at most `limit`: (digest, size). Rows
+    /// whose delete is in flight are left out: their object is going away on purpose.
     pub async fn blob_rows_after(
         &self,
         after: String,
@@ -37,7 +38,9 @@ impl Metadata {
     ) -> Result<Vec<(String, u64)>, MetadataError> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT digest, size_bytes FROM blobs WHERE digest > ?1 ORDER BY digest LIMIT ?2",
+                "SELECT digest, size_bytes FROM blobs b WHERE digest > ?1
+                    AND NOT EXISTS (SELECT 1 FROM pending_deletes p WHERE p.digest = b.digest AND p.state = 'deleting')
+                  ORDER BY digest LIMIT ?2",
             )?;
             let rows = stmt.query_map(rusqlite::params![after, limit], |r| {
                 Ok((
