@@ -12,8 +12,13 @@ impl BlobStore {
     /// Deletes the objects of `digests`; returns the ones confirmed gone and the ones that
     /// failed with their error. A missing object counts as gone.
     pub async fn delete_many(&self, digests: &[Digest]) -> (Vec<Digest>, Vec<(Digest, String)>) {
-        if self.local_root.is_some() {
-            return self.unlink_local(digests).await;
+        // Filesystem: every digest has a local path (the first `None` ends the collect).
+        let local: Option<Vec<(Digest, PathBuf)>> = digests
+            .iter()
+            .map(|d| self.local_path(&self.key(d)).map(|p| (d.clone(), p)))
+            .collect();
+        if let Some(paths) = local {
+            return unlink_local(paths, digests).await;
         }
         let by_key: HashMap<String, Digest> = digests
             .iter()
@@ -70,37 +75,34 @@ impl BlobStore {
     }
 }
 
-impl BlobStore {
-    /// The filesystem backend: every file unlinked on one blocking thread. object_store's
-    /// local delete runs one blocking task per file, ten at a time, which capped deletion
-    /// near 1 700 files/s at a million pending deletes.
-    async fn unlink_local(&self, digests: &[Digest]) -> (Vec<Digest>, Vec<(Digest, String)>) {
-        let paths: Vec<(Digest, PathBuf)> = digests
-            .iter()
-            .filter_map(|d| self.local_path(&self.key(d)).map(|p| (d.clone(), p)))
-            .collect();
-        let unlink = move || {
-            let mut done = Vec::with_capacity(paths.len());
-            let mut failed = Vec::new();
-            for (digest, path) in paths {
-                match std::fs::remove_file(&path) {
-                    Ok(()) => done.push(digest),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => done.push(digest),
-                    Err(e) => failed.push((digest, format!("removing {}: {e}", path.display()))),
-                }
+/// The filesystem backend: every file unlinked on one blocking thread. object_store's
+/// local delete runs one blocking task per file, ten at a time, which capped deletion
+/// near 1 700 files/s at a million pending deletes.
+async fn unlink_local(
+    paths: Vec<(Digest, PathBuf)>,
+    digests: &[Digest],
+) -> (Vec<Digest>, Vec<(Digest, String)>) {
+    let unlink = move || {
+        let mut done = Vec::with_capacity(paths.len());
+        let mut failed = Vec::new();
+        for (digest, path) in paths {
+            match std::fs::remove_file(&path) {
+                Ok(()) => done.push(digest),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => done.push(digest),
+                Err(e) => failed.push((digest, format!("removing {}: {e}", path.display()))),
             }
-            (done, failed)
-        };
-        match tokio::task::spawn_blocking(unlink).await {
-            Ok(outcome) => outcome,
-            Err(e) => (
-                Vec::new(),
-                digests
-                    .iter()
-                    .map(|d| (d.clone(), format!("delete task failed: {e}")))
-                    .collect(),
-            ),
         }
+        (done, failed)
+    };
+    match tokio::task::spawn_blocking(unlink).await {
+        Ok(outcome) => outcome,
+        Err(e) => (
+            Vec::new(),
+            digests
+                .iter()
+                .map(|d| (d.clone(), format!("delete task failed: {e}")))
+                .collect(),
+        ),
     }
 }
 
