@@ -54,8 +54,17 @@ impl TestApp {
     }
 
     pub async fn start_config(config: Config, dir: Option<tempfile::TempDir>) -> TestApp {
+        Self::launch(config, None, dir).await
+    }
+
+    /// Starts the server, with blobs in `store` when given instead of the configured backend.
+    async fn launch(
+        config: Config,
+        store: Option<std::sync::Arc<dyn object_store::ObjectStore>>,
+        dir: Option<tempfile::TempDir>,
+    ) -> TestApp {
         init_logging();
-        let server = regcache::server::start(config.clone())
+        let server = regcache::server::start_with_store(config.clone(), store)
             .await
             .expect("regcache starts");
         let base = format!("http://{}", server.addr());
@@ -74,9 +83,18 @@ impl TestApp {
 
     /// Stops the server gracefully and starts it again on the same data dir (a new port).
     pub async fn restart_with(&mut self, tweak: impl FnOnce(&mut Config)) {
+        self.relaunch(None, tweak).await;
+    }
+
+    /// Stops the server gracefully and starts it again on the same data dir.
+    async fn relaunch(
+        &mut self,
+        store: Option<std::sync::Arc<dyn object_store::ObjectStore>>,
+        tweak: impl FnOnce(&mut Config),
+    ) {
         self.stop().await;
         tweak(&mut self.config);
-        let server = regcache::server::start(self.config.clone())
+        let server = regcache::server::start_with_store(self.config.clone(), store)
             .await
             .expect("regcache restarts");
         self.base = format!("http://{}", server.addr());
@@ -223,18 +241,7 @@ impl TestApp {
         store: std::sync::Arc<dyn object_store::ObjectStore>,
         dir: Option<tempfile::TempDir>,
     ) -> TestApp {
-        init_logging();
-        let server = regcache::server::start_with_store(config.clone(), Some(store))
-            .await
-            .expect("regcache starts");
-        let base = format!("http://{}", server.addr());
-        TestApp {
-            server: Some(server),
-            config,
-            base,
-            client: reqwest::Client::new(),
-            _dir: dir,
-        }
+        Self::launch(config, Some(store), dir).await
     }
 
     /// `restart_with` for an app started by `start_with_store`: stops it gracefully and
@@ -244,12 +251,6 @@ impl TestApp {
         store: std::sync::Arc<dyn object_store::ObjectStore>,
         tweak: impl FnOnce(&mut Config),
     ) {
-        self.stop().await;
-        tweak(&mut self.config);
-        let server = regcache::server::start_with_store(self.config.clone(), Some(store))
-            .await
-            .expect("regcache restarts");
-        self.base = format!("http://{}", server.addr());
-        self.server = Some(server);
+        self.relaunch(Some(store), tweak).await;
     }
 }
