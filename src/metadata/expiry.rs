@@ -66,50 +66,63 @@ impl Metadata {
     }
 }
 
+/// Due tags, oldest due first: their keys, at most `limit`.
+const DUE_TAGS: &str = "SELECT repo_id, name FROM tags WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2";
+/// Due manifest links that may go: a link stays while a tag of its repository points at it
+/// or an index linked in its repository lists it.
+const DUE_MANIFEST_LINKS: &str = "SELECT rm.repo_id, rm.digest FROM repo_manifests rm
+     WHERE rm.expires_at <= ?1
+       AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo_id = rm.repo_id AND t.digest = rm.digest)
+       AND NOT EXISTS (SELECT 1 FROM manifest_refs mr
+                         JOIN repo_manifests p ON p.digest = mr.manifest_digest AND p.repo_id = rm.repo_id
+                        WHERE mr.ref_digest = rm.digest AND mr.kind = 'manifest')
+     ORDER BY rm.expires_at LIMIT ?2";
+/// Due blob links that may go: a link stays while a manifest linked in its repository
+/// names the blob.
+const DUE_BLOB_LINKS: &str = "SELECT rb.repo_id, rb.digest FROM repo_blobs rb
+     WHERE rb.expires_at <= ?1
+       AND NOT EXISTS (SELECT 1 FROM manifest_refs mr
+                         JOIN repo_manifests p ON p.digest = mr.manifest_digest AND p.repo_id = rb.repo_id
+                        WHERE mr.ref_digest = rb.digest AND mr.kind = 'blob')
+     ORDER BY rb.expires_at LIMIT ?2";
+
+/// Picks due rows with `select` (repository id and second key column) and applies
+/// `change` to each by its full primary key. A row-value `IN (subquery)` would let SQLite
+/// seek on `repo_id` alone and scan every row of each repository in the batch.
+fn change_due(
+    tx: &Transaction<'_>,
+    select: &str,
+    change: &str,
+    now: i64,
+    limit: u32,
+) -> Result<Vec<(i64, String)>, MetadataError> {
+    let keys: Vec<(i64, String)> = {
+        let mut stmt = tx.prepare_cached(select)?;
+        let rows = stmt.query_map(params![now, limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut stmt = tx.prepare_cached(change)?;
+    for (repo_id, key) in &keys {
+        stmt.execute(params![repo_id, key])?;
+    }
+    Ok(keys)
+}
+
 fn expire(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<ExpiryReport, MetadataError> {
+    let delete_tag = "DELETE FROM tags WHERE repo_id = ?1 AND name = ?2";
+    let tags = change_due(tx, DUE_TAGS, delete_tag, now, limit)?;
+    let delete_link = "DELETE FROM repo_manifests WHERE repo_id = ?1 AND digest = ?2";
+    let manifest_links = change_due(tx, DUE_MANIFEST_LINKS, delete_link, now, limit)?;
+    let delete_link = "DELETE FROM repo_blobs WHERE repo_id = ?1 AND digest = ?2";
+    let blob_links = change_due(tx, DUE_BLOB_LINKS, delete_link, now, limit)?;
     let mut report = ExpiryReport {
-        tags: tx.execute(
-            "DELETE FROM tags WHERE (repo_id, name) IN (
-                SELECT repo_id, name FROM tags WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)",
-            params![now, limit],
-        )? as u64,
+        tags: tags.len() as u64,
+        manifest_links: manifest_links.len() as u64,
+        blob_links: blob_links.len() as u64,
         ..ExpiryReport::default()
     };
-    // A manifest link stays while a tag of its repository points at it or an index linked
-    // in its repository lists it.
-    let unlinked_manifests: Vec<String> = {
-        let mut stmt = tx.prepare(
-            "DELETE FROM repo_manifests WHERE (repo_id, digest) IN (
-                SELECT rm.repo_id, rm.digest FROM repo_manifests rm
-                 WHERE rm.expires_at <= ?1
-                   AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo_id = rm.repo_id AND t.digest = rm.digest)
-                   AND NOT EXISTS (SELECT 1 FROM manifest_refs mr
-                                     JOIN repo_manifests p ON p.digest = mr.manifest_digest AND p.repo_id = rm.repo_id
-                                    WHERE mr.ref_digest = rm.digest AND mr.kind = 'manifest')
-                 ORDER BY rm.expires_at LIMIT ?2)
-             RETURNING digest",
-        )?;
-        let rows = stmt.query_map(params![now, limit], |r| r.get(0))?;
-        rows.collect::<Result<_, _>>()?
-    };
-    report.manifest_links = unlinked_manifests.len() as u64;
-    // A blob link stays while a manifest linked in its repository names the blob.
-    let mut candidates: Vec<String> = {
-        let mut stmt = tx.prepare(
-            "DELETE FROM repo_blobs WHERE (repo_id, digest) IN (
-                SELECT rb.repo_id, rb.digest FROM repo_blobs rb
-                 WHERE rb.expires_at <= ?1
-                   AND NOT EXISTS (SELECT 1 FROM manifest_refs mr
-                                     JOIN repo_manifests p ON p.digest = mr.manifest_digest AND p.repo_id = rb.repo_id
-                                    WHERE mr.ref_digest = rb.digest AND mr.kind = 'blob')
-                 ORDER BY rb.expires_at LIMIT ?2)
-             RETURNING digest",
-        )?;
-        let rows = stmt.query_map(params![now, limit], |r| r.get(0))?;
-        rows.collect::<Result<_, _>>()?
-    };
-    report.blob_links = candidates.len() as u64;
-    for digest in &unlinked_manifests {
+    let mut candidates: Vec<String> = blob_links.into_iter().map(|(_, digest)| digest).collect();
+    for (_, digest) in &manifest_links {
         let (removed, refs) = remove_manifest_if_unlinked(tx, digest)?;
         report.manifests_removed += u64::from(removed);
         candidates.extend(refs);
@@ -122,19 +135,16 @@ fn expire(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<ExpiryReport, Me
 
 fn defer(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<ExpiryReport, MetadataError> {
     let mut deferred = 0;
-    for table_key in [
-        ("tags", "repo_id, name"),
-        ("repo_manifests", "repo_id, digest"),
-        ("repo_blobs", "repo_id, digest"),
+    for (table, key) in [
+        ("tags", "name"),
+        ("repo_manifests", "digest"),
+        ("repo_blobs", "digest"),
     ] {
-        let (table, key) = table_key;
-        deferred += tx.execute(
-            &format!(
-                "UPDATE {table} SET deferred = 1, expires_at = NULL WHERE ({key}) IN (
-                    SELECT {key} FROM {table} WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)"
-            ),
-            params![now, limit],
-        )? as u64;
+        let select =
+            format!("SELECT repo_id, {key} FROM {table} WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2");
+        let change =
+            format!("UPDATE {table} SET deferred = 1, expires_at = NULL WHERE repo_id = ?1 AND {key} = ?2");
+        deferred += change_due(tx, &select, &change, now, limit)?.len() as u64;
     }
     Ok(ExpiryReport {
         deferred,
@@ -148,11 +158,10 @@ pub(super) fn remove_manifest_if_unlinked(
     tx: &Transaction<'_>,
     digest: &str,
 ) -> Result<(bool, Vec<String>), MetadataError> {
-    let linked: bool = tx.query_row(
-        "SELECT EXISTS (SELECT 1 FROM repo_manifests WHERE digest = ?1)",
-        [digest],
-        |r| r.get(0),
-    )?;
+    // Cached statements: expiry runs this once per manifest, a million times at scale.
+    let linked: bool = tx
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM repo_manifests WHERE digest = ?1)")?
+        .query_row([digest], |r| r.get(0))?;
     if linked {
         return Ok((false, Vec::new()));
     }
@@ -163,7 +172,10 @@ pub(super) fn remove_manifest_if_unlinked(
         let rows = stmt.query_map([digest], |r| r.get(0))?;
         rows.collect::<Result<_, _>>()?
     };
-    let removed = tx.execute("DELETE FROM manifests WHERE digest = ?1", [digest])? > 0;
+    let removed = tx
+        .prepare_cached("DELETE FROM manifests WHERE digest = ?1")?
+        .execute([digest])?
+        > 0;
     Ok((removed, refs))
 }
 

@@ -18,6 +18,8 @@ const WAL_CHECKPOINT_PAGES: i64 = 64 * 1024;
 /// What the WAL file is truncated to after a checkpoint, so a burst of bulk work does not
 /// keep its peak size on disk.
 const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
+/// Prepared statements the writer keeps.
+const WRITER_STATEMENTS: usize = 64;
 /// How long a connection waits for a lock before SQLITE_BUSY.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -143,6 +145,9 @@ fn configure_writer(conn: &Connection) -> Result<(), MetadataError> {
     conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
     conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
+    // Expiry, deletion and serving keep a few dozen statements hot on the writer; rusqlite's
+    // default of 16 would evict and re-prepare them batch after batch.
+    conn.set_prepared_statement_cache_capacity(WRITER_STATEMENTS);
     Ok(())
 }
 
