@@ -3,7 +3,7 @@
 //! in SQL. Write intents keep a delete and a write of the same digest apart.
 
 use super::{Metadata, MetadataError};
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{params, OptionalExtension, Transaction};
 
 /// How long a claim on pending deletes lasts before a sweeper may take it back.
 const CLAIM_LEASE_SECS: i64 = 300;
@@ -28,69 +28,30 @@ pub struct Backoff {
 impl Metadata {
     /// Claims up to `limit` due deletes whose digest nobody is writing.
     pub async fn claim_deletes(&self, now: i64, limit: u32) -> Result<Vec<ClaimedDelete>, MetadataError> {
-        self.write(move |tx| {
-            let mut stmt = tx.prepare(
-                "UPDATE pending_deletes SET state = 'deleting', lease_until = ?1 + ?3
-                  WHERE digest IN (
-                    -- One ordered range of the (state, next_attempt_at) index per state,
-                    -- each stopping at the limit: an OR of the two reads and sorts every
-                    -- due row, which at a million pending deletes dominates a round.
-                    SELECT digest FROM (
-                      SELECT digest, next_attempt_at FROM (
-                        SELECT p.digest, p.next_attempt_at FROM pending_deletes p
-                         WHERE p.state = 'pending' AND p.next_attempt_at <= ?1
-                           AND NOT EXISTS (SELECT 1 FROM write_intents w WHERE w.digest = p.digest AND w.expires_at > ?1)
-                         ORDER BY p.next_attempt_at LIMIT ?2)
-                      UNION ALL
-                      SELECT digest, next_attempt_at FROM (
-                        SELECT p.digest, p.next_attempt_at FROM pending_deletes p
-                         WHERE p.state = 'deleting' AND p.lease_until <= ?1
-                           AND NOT EXISTS (SELECT 1 FROM write_intents w WHERE w.digest = p.digest AND w.expires_at > ?1)
-                         ORDER BY p.next_attempt_at LIMIT ?2))
-                     ORDER BY next_attempt_at LIMIT ?2)
-                 RETURNING digest, attempts",
-            )?;
-            let rows = stmt.query_map(params![now, limit, CLAIM_LEASE_SECS], |r| {
-                Ok(ClaimedDelete {
-                    digest: r.get(0)?,
-                    attempts: r.get(1)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
-        .await
+        self.write(move |tx| claim(tx, now, limit)).await
     }
 
     /// Records the outcome of claimed deletes: the rows of confirmed ones go (the blob's
-    /// row with them); failed ones are rescheduled with backoff and keep their error.
+    /// row with them); failed ones are rescheduled with backoff and keep their error. Then,
+    /// in the same transaction, claims up to `next` more (none when `next` is 0): one
+    /// writer turn per batch, which matters while expiry holds the writer between turns.
     pub async fn finish_deletes(
         &self,
         done: Vec<String>,
         failed: Vec<(String, String)>,
         now: i64,
         backoff: Backoff,
-    ) -> Result<(), MetadataError> {
+        next: u32,
+    ) -> Result<Vec<ClaimedDelete>, MetadataError> {
+        // In digest order: neighbouring rows share pages of every digest-keyed index.
+        let mut done = done;
+        done.sort_unstable();
         self.write(move |tx| {
-            let mut finish =
-                tx.prepare_cached("DELETE FROM pending_deletes WHERE digest = ?1 AND state = 'deleting'")?;
-            let mut forget = tx.prepare_cached(
-                "DELETE FROM blobs WHERE digest = ?1 AND NOT EXISTS (SELECT 1 FROM repo_blobs WHERE digest = ?1)",
-            )?;
-            for digest in &done {
-                if finish.execute([digest])? > 0 {
-                    forget.execute([digest])?;
-                }
+            finish(tx, &done, &failed, now, backoff)?;
+            if next == 0 {
+                return Ok(Vec::new());
             }
-            let mut retry = tx.prepare_cached(
-                "UPDATE pending_deletes SET state = 'pending', lease_until = NULL, attempts = attempts + 1,
-                        last_error = ?2,
-                        next_attempt_at = ?3 + min(?5, ?4 * (1 << min(attempts, 30)))
-                  WHERE digest = ?1 AND state = 'deleting'",
-            )?;
-            for (digest, error) in &failed {
-                retry.execute(params![digest, error, now, backoff.initial_secs, backoff.max_secs])?;
-            }
-            Ok(())
+            claim(tx, now, next)
         })
         .await
     }
@@ -199,4 +160,70 @@ impl Metadata {
         })
         .await
     }
+}
+
+fn claim(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<Vec<ClaimedDelete>, MetadataError> {
+    let mut stmt = tx.prepare_cached(
+        "UPDATE pending_deletes SET state = 'deleting', lease_until = ?1 + ?3
+          WHERE digest IN (
+            -- One ordered range of the (state, next_attempt_at) index per state,
+            -- each stopping at the limit: an OR of the two reads and sorts every
+            -- due row, which at a million pending deletes dominates a round.
+            SELECT digest FROM (
+              SELECT digest, next_attempt_at FROM (
+                SELECT p.digest, p.next_attempt_at FROM pending_deletes p
+                 WHERE p.state = 'pending' AND p.next_attempt_at <= ?1
+                   AND NOT EXISTS (SELECT 1 FROM write_intents w WHERE w.digest = p.digest AND w.expires_at > ?1)
+                 ORDER BY p.next_attempt_at LIMIT ?2)
+              UNION ALL
+              SELECT digest, next_attempt_at FROM (
+                SELECT p.digest, p.next_attempt_at FROM pending_deletes p
+                 WHERE p.state = 'deleting' AND p.lease_until <= ?1
+                   AND NOT EXISTS (SELECT 1 FROM write_intents w WHERE w.digest = p.digest AND w.expires_at > ?1)
+                 ORDER BY p.next_attempt_at LIMIT ?2))
+             ORDER BY next_attempt_at LIMIT ?2)
+         RETURNING digest, attempts",
+    )?;
+    let rows = stmt.query_map(params![now, limit, CLAIM_LEASE_SECS], |r| {
+        Ok(ClaimedDelete {
+            digest: r.get(0)?,
+            attempts: r.get(1)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn finish(
+    tx: &Transaction<'_>,
+    done: &[String],
+    failed: &[(String, String)],
+    now: i64,
+    backoff: Backoff,
+) -> Result<(), MetadataError> {
+    let mut finish =
+        tx.prepare_cached("DELETE FROM pending_deletes WHERE digest = ?1 AND state = 'deleting'")?;
+    let mut forget = tx.prepare_cached(
+        "DELETE FROM blobs WHERE digest = ?1 AND NOT EXISTS (SELECT 1 FROM repo_blobs WHERE digest = ?1)",
+    )?;
+    for digest in done {
+        if finish.execute([digest])? > 0 {
+            forget.execute([digest])?;
+        }
+    }
+    let mut retry = tx.prepare_cached(
+        "UPDATE pending_deletes SET state = 'pending', lease_until = NULL, attempts = attempts + 1,
+                last_error = ?2,
+                next_attempt_at = ?3 + min(?5, ?4 * (1 << min(attempts, 30)))
+          WHERE digest = ?1 AND state = 'deleting'",
+    )?;
+    for (digest, error) in failed {
+        retry.execute(params![
+            digest,
+            error,
+            now,
+            backoff.initial_secs,
+            backoff.max_secs
+        ])?;
+    }
+    Ok(())
 }
