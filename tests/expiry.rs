@@ -631,6 +631,65 @@ async fn pulls_extend_expiry() {
     .await;
 }
 
+/// A client that has the layers pulls only the manifest: the tag and the manifest link
+/// stay live while the blob links fall due, held by the manifest. Expiry postpones them to
+/// the manifest link's due time rather than finding them due, and held, on every pass. Once
+/// the pulls stop, everything is collected.
+#[tokio::test]
+async fn blob_links_held_by_a_live_manifest_are_postponed() {
+    // Longer than the 5 s between flushes of recorded uses, so the pulls keep the
+    // manifest link live.
+    const TTL: i64 = 8;
+    let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
+    let image = Image::new("held", &[4000, 9000], "2024-01-01T00:00:00Z");
+    upstream.add_image("team/app", Some("v1"), &image);
+    let app = TestApp::start_with(&[("fixture", &upstream.url())], |c| {
+        c.proxy.ttl = ttl(TTL as u64);
+    })
+    .await;
+    let dir = app.data_dir();
+    pull_image(&app.client, &app.base, "team/app", "v1", &image).await;
+    let blob_links = || -> Vec<(Option<i64>, i64)> {
+        let conn = db(&dir);
+        let mut stmt = conn
+            .prepare("SELECT expires_at, last_used_at FROM repo_blobs")
+            .unwrap();
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        rows.map(Result::unwrap).collect()
+    };
+    let linked = image.blobs().count();
+    assert_eq!(blob_links().len(), linked, "config and layers linked");
+
+    // Manifest-only pulls until every blob link was moved past its own due time (last use
+    // + ttl), which only expiry's postponement does.
+    let manifest_url = format!("{}/v2/team/app/manifests/v1", app.base);
+    wait_until_async("the held blob links are postponed", DEADLINE, || async {
+        let resp = app
+            .client
+            .get(&manifest_url)
+            .header(ACCEPT, ACCEPT_ALL_MANIFESTS)
+            .send()
+            .await
+            .expect("manifest request");
+        ok_bytes(resp).await;
+        let links = blob_links();
+        links.len() == linked
+            && links
+                .iter()
+                .all(|(due, used)| due.is_some_and(|d| d > used + TTL))
+    })
+    .await;
+    for blob in image.blobs() {
+        assert_eq!(upstream.blob_gets(&blob.digest), 1, "the blobs were kept");
+    }
+
+    // Once the pulls stop, the manifest link falls due, then the blob links it held.
+    wait_until_async("the unused image is collected", DEADLINE, || async {
+        leftovers(&dir).is_empty()
+    })
+    .await;
+}
+
 /// Rescue: blobs whose delete is pending (failed, kept, then deferred across a restart
 /// with deletes off) are pulled again; the pull cancels the delete and serves the stored
 /// blob intact. A blob not pulled again is the control: once deletes are back on, the

@@ -15,6 +15,8 @@ pub struct ExpiryReport {
     pub manifests_removed: u64,
     pub blobs_to_delete: u64,
     pub deferred: u64,
+    /// Due links kept because something live still holds them, looked at again later.
+    pub postponed: u64,
 }
 
 impl ExpiryReport {
@@ -68,23 +70,26 @@ impl Metadata {
 
 /// Due tags, oldest due first: their keys, at most `limit`.
 const DUE_TAGS: &str = "SELECT repo_id, name FROM tags WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2";
-/// Due manifest links that may go: a link stays while a tag of its repository points at it
-/// or an index linked in its repository lists it.
-const DUE_MANIFEST_LINKS: &str = "SELECT rm.repo_id, rm.digest FROM repo_manifests rm
-     WHERE rm.expires_at <= ?1
-       AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo_id = rm.repo_id AND t.digest = rm.digest)
-       AND NOT EXISTS (SELECT 1 FROM manifest_refs mr
-                         JOIN repo_manifests p ON p.digest = mr.manifest_digest AND p.repo_id = rm.repo_id
-                        WHERE mr.ref_digest = rm.digest AND mr.kind = 'manifest')
-     ORDER BY rm.expires_at LIMIT ?2";
-/// Due blob links that may go: a link stays while a manifest linked in its repository
-/// names the blob.
-const DUE_BLOB_LINKS: &str = "SELECT rb.repo_id, rb.digest FROM repo_blobs rb
-     WHERE rb.expires_at <= ?1
-       AND NOT EXISTS (SELECT 1 FROM manifest_refs mr
-                         JOIN repo_manifests p ON p.digest = mr.manifest_digest AND p.repo_id = rb.repo_id
-                        WHERE mr.ref_digest = rb.digest AND mr.kind = 'blob')
-     ORDER BY rb.expires_at LIMIT ?2";
+/// Due manifest links, each with what still holds it: tags of its repository pointing at
+/// it, and indexes linked in its repository that list it. The third column is NULL when
+/// nothing holds the link (it goes), else the latest due time among its holders (0 when
+/// none has one).
+const DUE_MANIFEST_LINKS: &str = "SELECT rm.repo_id, rm.digest,
+       (SELECT CASE WHEN count(*) = 0 THEN NULL ELSE coalesce(max(e), 0) END FROM (
+            SELECT t.expires_at AS e FROM tags t WHERE t.repo_id = rm.repo_id AND t.digest = rm.digest
+            UNION ALL
+            SELECT p.expires_at FROM manifest_refs mr
+              JOIN repo_manifests p ON p.digest = mr.manifest_digest AND p.repo_id = rm.repo_id
+             WHERE mr.ref_digest = rm.digest AND mr.kind = 'manifest'))
+  FROM repo_manifests rm WHERE rm.expires_at <= ?1 ORDER BY rm.expires_at LIMIT ?2";
+/// Due blob links, each with what still holds it: manifests linked in its repository that
+/// name the blob (third column as for manifest links).
+const DUE_BLOB_LINKS: &str = "SELECT rb.repo_id, rb.digest,
+       (SELECT CASE WHEN count(*) = 0 THEN NULL ELSE coalesce(max(p.expires_at), 0) END
+          FROM manifest_refs mr
+          JOIN repo_manifests p ON p.digest = mr.manifest_digest AND p.repo_id = rb.repo_id
+         WHERE mr.ref_digest = rb.digest AND mr.kind = 'blob')
+  FROM repo_blobs rb WHERE rb.expires_at <= ?1 ORDER BY rb.expires_at LIMIT ?2";
 
 /// Picks due rows with `select` (repository id and second key column) and applies
 /// `change` to each by its full primary key. A row-value `IN (subquery)` would let SQLite
@@ -108,21 +113,66 @@ fn change_due(
     Ok(keys)
 }
 
+/// Due links of `table` picked by `select` (see `DUE_MANIFEST_LINKS`): the ones nothing
+/// holds are removed and their digests returned; a held one is postponed until its
+/// holders are due (or one ttl from now when none of them has a due time), so it is not
+/// looked at again on every pass while, say, a client keeps pulling the manifest but never
+/// the layers it already has. Returns (removed digests, how many were postponed).
+fn expire_links(
+    tx: &Transaction<'_>,
+    select: &str,
+    table: &str,
+    now: i64,
+    limit: u32,
+) -> Result<(Vec<String>, u64), MetadataError> {
+    let due: Vec<(i64, String, Option<i64>)> = {
+        let mut stmt = tx.prepare_cached(select)?;
+        let rows = stmt.query_map(params![now, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut remove = tx.prepare_cached(&format!("DELETE FROM {table} WHERE repo_id = ?1 AND digest = ?2"))?;
+    let mut postpone = tx.prepare_cached(&format!(
+        "UPDATE {table} SET expires_at = ?3 WHERE repo_id = ?1 AND digest = ?2"
+    ))?;
+    let mut one_ttl = tx.prepare_cached(&format!("SELECT {}", expiry_sql("?1", "?2")))?;
+    let (mut removed, mut postponed) = (Vec::new(), 0);
+    for (repo_id, digest, held) in due {
+        match held {
+            None => {
+                remove.execute(params![repo_id, digest])?;
+                removed.push(digest);
+            }
+            Some(until) => {
+                let until: Option<i64> = if until > 0 {
+                    Some(until)
+                } else {
+                    one_ttl.query_row(params![now, repo_id], |r| r.get(0))?
+                };
+                // Never before the next second: a holder due in this very pass (past the
+                // batch limit) is looked at again soon, not in a loop.
+                postpone.execute(params![repo_id, digest, until.map(|t| t.max(now + 1))])?;
+                postponed += 1;
+            }
+        }
+    }
+    Ok((removed, postponed))
+}
+
 fn expire(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<ExpiryReport, MetadataError> {
     let delete_tag = "DELETE FROM tags WHERE repo_id = ?1 AND name = ?2";
     let tags = change_due(tx, DUE_TAGS, delete_tag, now, limit)?;
-    let delete_link = "DELETE FROM repo_manifests WHERE repo_id = ?1 AND digest = ?2";
-    let manifest_links = change_due(tx, DUE_MANIFEST_LINKS, delete_link, now, limit)?;
-    let delete_link = "DELETE FROM repo_blobs WHERE repo_id = ?1 AND digest = ?2";
-    let blob_links = change_due(tx, DUE_BLOB_LINKS, delete_link, now, limit)?;
+    let (manifest_links, held_manifests) =
+        expire_links(tx, DUE_MANIFEST_LINKS, "repo_manifests", now, limit)?;
+    let (blob_links, held_blobs) = expire_links(tx, DUE_BLOB_LINKS, "repo_blobs", now, limit)?;
     let mut report = ExpiryReport {
         tags: tags.len() as u64,
         manifest_links: manifest_links.len() as u64,
         blob_links: blob_links.len() as u64,
+        postponed: held_manifests + held_blobs,
         ..ExpiryReport::default()
     };
-    let mut candidates: Vec<String> = blob_links.into_iter().map(|(_, digest)| digest).collect();
-    for (_, digest) in &manifest_links {
+    let mut candidates: Vec<String> = blob_links;
+    for digest in &manifest_links {
         let (removed, refs) = remove_manifest_if_unlinked(tx, digest)?;
         report.manifests_removed += u64::from(removed);
         candidates.extend(refs);

@@ -32,17 +32,18 @@ pub(super) async fn expire_all_due(s: &Scheduler) -> Result<ExpiryReport, crate:
         total.manifests_removed += r.manifests_removed;
         total.blobs_to_delete += r.blobs_to_delete;
         total.deferred += r.deferred;
+        total.postponed += r.postponed;
         if r.blobs_to_delete > 0 {
             s.deletes_due.notify_one();
         }
-        let full = [r.tags, r.manifest_links, r.blob_links, r.deferred]
+        let full = [r.tags, r.manifest_links, r.blob_links, r.deferred, r.postponed]
             .iter()
             .any(|n| *n >= u64::from(BATCH));
         if !full || s.shutdown.is_cancelled() {
             break;
         }
     }
-    if total.entries() > 0 {
+    if total.entries() > 0 || total.postponed > 0 {
         tracing::info!(
             expired.tags = total.tags,
             expired.manifest_links = total.manifest_links,
@@ -50,6 +51,7 @@ pub(super) async fn expire_all_due(s: &Scheduler) -> Result<ExpiryReport, crate:
             manifests.removed = total.manifests_removed,
             blobs.queued_for_delete = total.blobs_to_delete,
             entries.deferred = total.deferred,
+            links.postponed = total.postponed,
             "expired due entries"
         );
     }
