@@ -58,8 +58,10 @@ fn unlink_repo(
     now: i64,
 ) -> Result<Unlinked, MetadataError> {
     let limit = i64::from(limit.unwrap_or(u32::MAX));
+    // `repo_id = ?1 AND key IN (…)` seeks each row by its full key; a row-value
+    // `(repo_id, key) IN (…)` would scan the whole repository for every batch.
     let tags = tx.execute(
-        "DELETE FROM tags WHERE (repo_id, name) IN (SELECT repo_id, name FROM tags WHERE repo_id = ?1 LIMIT ?2)",
+        "DELETE FROM tags WHERE repo_id = ?1 AND name IN (SELECT name FROM tags WHERE repo_id = ?1 LIMIT ?2)",
         params![id, limit],
     )? as u64;
     // Tags name manifests (a foreign key), so a batch unlinks manifests only once no tag of
@@ -72,16 +74,16 @@ fn unlink_repo(
     let manifest_limit = if tags_left { 0 } else { limit };
     let manifests: Vec<String> = {
         let mut stmt = tx.prepare_cached(
-            "DELETE FROM repo_manifests WHERE (repo_id, digest) IN (
-                SELECT repo_id, digest FROM repo_manifests WHERE repo_id = ?1 LIMIT ?2) RETURNING digest",
+            "DELETE FROM repo_manifests WHERE repo_id = ?1 AND digest IN (
+                SELECT digest FROM repo_manifests WHERE repo_id = ?1 LIMIT ?2) RETURNING digest",
         )?;
         let rows = stmt.query_map(params![id, manifest_limit], |r| r.get(0))?;
         rows.collect::<Result<_, _>>()?
     };
     let mut candidates: Vec<String> = {
         let mut stmt = tx.prepare_cached(
-            "DELETE FROM repo_blobs WHERE (repo_id, digest) IN (
-                SELECT repo_id, digest FROM repo_blobs WHERE repo_id = ?1 LIMIT ?2) RETURNING digest",
+            "DELETE FROM repo_blobs WHERE repo_id = ?1 AND digest IN (
+                SELECT digest FROM repo_blobs WHERE repo_id = ?1 LIMIT ?2) RETURNING digest",
         )?;
         let rows = stmt.query_map(params![id, limit], |r| r.get(0))?;
         rows.collect::<Result<_, _>>()?
