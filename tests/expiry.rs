@@ -588,21 +588,28 @@ async fn shared_layer_outlives_one_repositorys_expiry() {
     .await;
 }
 
+/// An image `team/app:v1` (a config and two layers) on a fixture upstream, pulled once
+/// through regcache running with `ttl_secs`.
+async fn pulled_image(name: &str, ttl_secs: i64) -> (FixtureUpstream, Image, TestApp) {
+    let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
+    let image = Image::new(name, &[4000, 9000], "2024-01-01T00:00:00Z");
+    upstream.add_image("team/app", Some("v1"), &image);
+    let app = TestApp::start_with(&[("fixture", &upstream.url())], |c| {
+        c.proxy.ttl = ttl(ttl_secs as u64);
+    })
+    .await;
+    pull_image(&app.client, &app.base, "team/app", "v1", &image).await;
+    (upstream, image, app)
+}
+
 /// A pull extends the expiry of what it used: pulling every second keeps an image cached
 /// well past its first due time (no upstream GET again), and its expiry moves forward.
 /// Uses reach SQLite every 5 s, so the ttl (8 s) is longer than a flush interval.
 #[tokio::test]
 async fn pulls_extend_expiry() {
     const TTL: i64 = 8;
-    let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
-    let image = Image::new("extend", &[4000, 9000], "2024-01-01T00:00:00Z");
-    upstream.add_image("team/app", Some("v1"), &image);
-    let app = TestApp::start_with(&[("fixture", &upstream.url())], |c| {
-        c.proxy.ttl = ttl(TTL as u64);
-    })
-    .await;
+    let (upstream, image, app) = pulled_image("extend", TTL).await;
     let dir = app.data_dir();
-    pull_image(&app.client, &app.base, "team/app", "v1", &image).await;
     let first = entries(&dir);
     assert_eq!(first.len(), 5);
     let first_due = first.iter().filter_map(|r| r.1).max().unwrap();
@@ -640,15 +647,8 @@ async fn blob_links_held_by_a_live_manifest_are_postponed() {
     // Longer than the 5 s between flushes of recorded uses, so the pulls keep the
     // manifest link live.
     const TTL: i64 = 8;
-    let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
-    let image = Image::new("held", &[4000, 9000], "2024-01-01T00:00:00Z");
-    upstream.add_image("team/app", Some("v1"), &image);
-    let app = TestApp::start_with(&[("fixture", &upstream.url())], |c| {
-        c.proxy.ttl = ttl(TTL as u64);
-    })
-    .await;
+    let (upstream, image, app) = pulled_image("held", TTL).await;
     let dir = app.data_dir();
-    pull_image(&app.client, &app.base, "team/app", "v1", &image).await;
     let blob_links = || -> Vec<(Option<i64>, i64)> {
         let conn = db(&dir);
         let mut stmt = conn
