@@ -46,6 +46,8 @@ pub enum MetadataError {
     },
     #[error("database schema version {found} is newer than this build knows ({known}); refusing to start")]
     SchemaTooNew { found: i64, known: i64 },
+    #[error("database migration refused: {0}")]
+    Migration(String),
     #[error("metadata task failed: {0}")]
     Task(String),
     #[error("repository {repo} is being deleted")]

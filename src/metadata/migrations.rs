@@ -2,7 +2,7 @@
 //! transaction at start-up. `PRAGMA user_version` records the version reached.
 
 use super::MetadataError;
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 /// Every migration, in order. A test checks this list against the files in `schema/`.
 pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -18,11 +18,34 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "0004_tags_by_manifest.sql",
         include_str!("../../schema/0004_tags_by_manifest.sql"),
     ),
+    (
+        5,
+        "0005_expiry_locality.sql",
+        include_str!("../../schema/0005_expiry_locality.sql"),
+    ),
 ];
 
 /// Brings the database up to the newest schema; a database newer than this build is an
 /// error rather than something to guess about.
+///
+/// Foreign keys are off while migrations run, so a migration can rebuild a table other
+/// tables refer to (SQLite's documented procedure), and every reference is checked before
+/// the transaction commits: a migration that would leave a dangling one changes nothing.
 pub(super) fn migrate(conn: &mut Connection) -> Result<usize, MetadataError> {
+    let known = MIGRATIONS.last().map_or(0, |m| m.0);
+    migrate_to(conn, known)
+}
+
+/// `migrate`, stopping at version `target` (tests start from older schemas with it).
+fn migrate_to(conn: &mut Connection, target: i64) -> Result<usize, MetadataError> {
+    let enforced: bool = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0))?;
+    conn.pragma_update(None, "foreign_keys", false)?;
+    let applied = apply(conn, target);
+    conn.pragma_update(None, "foreign_keys", enforced)?;
+    applied
+}
+
+fn apply(conn: &mut Connection, target: i64) -> Result<usize, MetadataError> {
     let known = MIGRATIONS.last().map_or(0, |m| m.0);
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)?;
     let found: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -30,10 +53,30 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<usize, MetadataError> {
         return Err(MetadataError::SchemaTooNew { found, known });
     }
     let mut applied = 0;
-    for (version, _name, sql) in MIGRATIONS.iter().filter(|m| m.0 > found) {
+    for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > found && m.0 <= target) {
+        // Some rebuild tables: seconds on a large cache, so an upgrade says what it does.
+        if found > 0 {
+            tracing::info!(
+                schema.from = version - 1,
+                schema.to = version,
+                migration = name,
+                "migrating the database schema"
+            );
+        }
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", version)?;
         applied += 1;
+    }
+    if applied > 0 {
+        // A whole-database check, so only after a change: start-up stays fast.
+        let dangling: Option<(String, String)> = tx
+            .query_row("PRAGMA foreign_key_check", [], |r| Ok((r.get(0)?, r.get(2)?)))
+            .optional()?;
+        if let Some((table, parent)) = dangling {
+            return Err(MetadataError::Migration(format!(
+                "a row of {table} would refer to a missing row of {parent}"
+            )));
+        }
     }
     tx.commit()?;
     Ok(applied)
@@ -76,5 +119,119 @@ mod tests {
             migrate(&mut conn),
             Err(MetadataError::SchemaTooNew { found: 999, .. })
         ));
+    }
+
+    /// A version-4 database holding one cached image (a tag -> manifest -> config and layer
+    /// blobs, all linked in their repository) and a failing pending delete.
+    fn version_4_with_an_image() -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "foreign_keys", true).unwrap();
+        migrate_to(&mut conn, 4).unwrap();
+        conn.execute_batch(
+            "INSERT INTO repositories (id, upstream, name, created_at, last_used_at) VALUES (1, 'hub', 'library/alpine', 10, 20);
+             INSERT INTO blobs (digest, size_bytes, cached_at, last_used_at) VALUES ('sha256:c', 2, 10, 20), ('sha256:l', 3, 11, 21);
+             INSERT INTO manifests (digest, media_type, size_bytes, body, config_digest, created, subject_digest, cached_at)
+                 VALUES ('sha256:m', 'application/vnd.oci.image.manifest.v1+json', 2, x'7b7d', 'sha256:c', NULL, NULL, 10);
+             INSERT INTO manifest_refs VALUES ('sha256:m', 'sha256:c', 'blob'), ('sha256:m', 'sha256:l', 'blob');
+             INSERT INTO repo_manifests (repo_id, digest, cached_at, last_used_at, expires_at) VALUES (1, 'sha256:m', 10, 20, 100);
+             INSERT INTO repo_blobs (repo_id, digest, cached_at, last_used_at, expires_at)
+                 VALUES (1, 'sha256:c', 10, 20, 100), (1, 'sha256:l', 11, 21, 101);
+             INSERT INTO tags (repo_id, name, digest, cached_at, last_used_at, expires_at) VALUES (1, 'latest', 'sha256:m', 10, 20, 100);
+             INSERT INTO pending_deletes (digest, size_bytes, reason, state, attempts, next_attempt_at, last_error, created_at)
+                 VALUES ('sha256:old', 7, 'expired', 'pending', 3, 200, 'store unreachable', 90);",
+        )
+        .unwrap();
+        conn
+    }
+
+    /// Every row of the tables version 5 rebuilds or re-indexes, as text.
+    fn rows(conn: &Connection) -> Vec<String> {
+        let mut out = Vec::new();
+        for table in [
+            "blobs",
+            "manifests",
+            "manifest_refs",
+            "repo_manifests",
+            "repo_blobs",
+            "tags",
+            "pending_deletes",
+        ] {
+            let mut stmt = conn
+                .prepare(&format!("SELECT * FROM {table} ORDER BY 1, 2"))
+                .unwrap();
+            let width = stmt.column_count();
+            let mut q = stmt.query([]).unwrap();
+            while let Some(r) = q.next().unwrap() {
+                let values: Vec<rusqlite::types::Value> = (0..width).map(|i| r.get(i).unwrap()).collect();
+                out.push(format!("{table} {values:?}"));
+            }
+        }
+        out
+    }
+
+    fn keyed_by_digest_alone(conn: &Connection, table: &str) -> bool {
+        let sql: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [table],
+                |r| r.get(0),
+            )
+            .unwrap();
+        sql.contains("WITHOUT ROWID")
+    }
+
+    #[test]
+    fn version_5_rebuilds_tables_keyed_by_digest_keeping_every_row_and_reference() {
+        let mut conn = version_4_with_an_image();
+        let before = rows(&conn);
+        assert_eq!(before.len(), 10);
+        assert_eq!(migrate(&mut conn).unwrap(), 1);
+        assert_eq!(rows(&conn), before);
+        for table in ["blobs", "manifests", "pending_deletes"] {
+            assert!(keyed_by_digest_alone(&conn, table), "{table}");
+        }
+        let enforced: bool = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap();
+        assert!(enforced, "foreign keys are enforced again after migrating");
+        // The references now point at the rebuilt tables: a linked blob or a tagged
+        // manifest cannot go, and removing an unlinked manifest still takes its references.
+        assert!(conn
+            .execute("DELETE FROM blobs WHERE digest = 'sha256:l'", [])
+            .is_err());
+        assert!(conn
+            .execute("DELETE FROM manifests WHERE digest = 'sha256:m'", [])
+            .is_err());
+        conn.execute_batch(
+            "DELETE FROM tags; DELETE FROM repo_manifests; DELETE FROM manifests WHERE digest = 'sha256:m';",
+        )
+        .unwrap();
+        let refs: i64 = conn
+            .query_row("SELECT count(*) FROM manifest_refs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(refs, 0);
+    }
+
+    #[test]
+    fn a_migration_that_would_leave_a_dangling_reference_changes_nothing() {
+        let mut conn = version_4_with_an_image();
+        // A link to a blob that has no row, as an old bug with checks off might have left.
+        conn.pragma_update(None, "foreign_keys", false).unwrap();
+        conn.execute(
+            "INSERT INTO repo_blobs (repo_id, digest, cached_at, last_used_at) VALUES (1, 'sha256:gone', 1, 1)",
+            [],
+        )
+        .unwrap();
+        conn.pragma_update(None, "foreign_keys", true).unwrap();
+        let before = rows(&conn);
+        let err = migrate(&mut conn).unwrap_err();
+        assert!(
+            matches!(&err, MetadataError::Migration(m) if m.contains("repo_blobs") && m.contains("blobs")),
+            "{err}"
+        );
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, 4);
+        assert_eq!(rows(&conn), before);
+        assert!(!keyed_by_digest_alone(&conn, "blobs"));
+        let enforced: bool = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap();
+        assert!(enforced);
     }
 }
