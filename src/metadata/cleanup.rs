@@ -142,8 +142,9 @@ impl Metadata {
             let mut candidates = Vec::new();
             for digest in freed {
                 let needed: bool = tx.query_row(
-                    "SELECT EXISTS (SELECT 1 FROM tags WHERE repo_id = ?1 AND digest = ?2)
-                         OR EXISTS (SELECT 1 FROM manifest_refs r JOIN tags t ON t.digest = r.manifest_digest AND t.repo_id = ?1
+                    "SELECT EXISTS (SELECT 1 FROM tags INDEXED BY tags_by_manifest WHERE digest = ?2 AND repo_id = ?1)
+                         OR EXISTS (SELECT 1 FROM manifest_refs r
+                                      JOIN tags t INDEXED BY tags_by_manifest ON t.digest = r.manifest_digest AND t.repo_id = ?1
                                      WHERE r.ref_digest = ?2 AND r.kind = 'manifest')",
                     params![id, digest],
                     |r| r.get(0),

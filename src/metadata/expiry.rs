@@ -68,20 +68,26 @@ impl Metadata {
     }
 }
 
-/// Due tags, oldest due first: their keys, at most `limit`.
-const DUE_TAGS: &str = "SELECT repo_id, name FROM tags WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2";
+// Every due query takes rows oldest due first and, within a second, in digest order (the
+// due indexes end in the digest, see schema/0005): one batch then changes neighbouring
+// entries of every digest-keyed table and index instead of one random page per row.
+
+/// Due tags: their keys, at most `limit`.
+const DUE_TAGS: &str =
+    "SELECT repo_id, name FROM tags WHERE expires_at <= ?1 ORDER BY expires_at, digest LIMIT ?2";
 /// Due manifest links, each with what still holds it: tags of its repository pointing at
 /// it, and indexes linked in its repository that list it. The third column is NULL when
 /// nothing holds the link (it goes), else the latest due time among its holders (0 when
 /// none has one).
 const DUE_MANIFEST_LINKS: &str = "SELECT rm.repo_id, rm.digest,
        (SELECT CASE WHEN count(*) = 0 THEN NULL ELSE coalesce(max(e), 0) END FROM (
-            SELECT t.expires_at AS e FROM tags t WHERE t.repo_id = rm.repo_id AND t.digest = rm.digest
+            SELECT t.expires_at AS e FROM tags t INDEXED BY tags_by_manifest
+             WHERE t.digest = rm.digest AND t.repo_id = rm.repo_id
             UNION ALL
             SELECT p.expires_at FROM manifest_refs mr
               JOIN repo_manifests p ON p.digest = mr.manifest_digest AND p.repo_id = rm.repo_id
              WHERE mr.ref_digest = rm.digest AND mr.kind = 'manifest'))
-  FROM repo_manifests rm WHERE rm.expires_at <= ?1 ORDER BY rm.expires_at LIMIT ?2";
+  FROM repo_manifests rm WHERE rm.expires_at <= ?1 ORDER BY rm.expires_at, rm.digest LIMIT ?2";
 /// Due blob links, each with what still holds it: manifests linked in its repository that
 /// name the blob (third column as for manifest links).
 const DUE_BLOB_LINKS: &str = "SELECT rb.repo_id, rb.digest,
@@ -89,7 +95,7 @@ const DUE_BLOB_LINKS: &str = "SELECT rb.repo_id, rb.digest,
           FROM manifest_refs mr
           JOIN repo_manifests p ON p.digest = mr.manifest_digest AND p.repo_id = rb.repo_id
          WHERE mr.ref_digest = rb.digest AND mr.kind = 'blob')
-  FROM repo_blobs rb WHERE rb.expires_at <= ?1 ORDER BY rb.expires_at LIMIT ?2";
+  FROM repo_blobs rb WHERE rb.expires_at <= ?1 ORDER BY rb.expires_at, rb.digest LIMIT ?2";
 
 /// Picks due rows with `select` (repository id and second key column) and applies
 /// `change` to each by its full primary key. A row-value `IN (subquery)` would let SQLite
@@ -190,8 +196,9 @@ fn defer(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<ExpiryReport, Met
         ("repo_manifests", "digest"),
         ("repo_blobs", "digest"),
     ] {
-        let select =
-            format!("SELECT repo_id, {key} FROM {table} WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2");
+        let select = format!(
+            "SELECT repo_id, {key} FROM {table} WHERE expires_at <= ?1 ORDER BY expires_at, digest LIMIT ?2"
+        );
         let change =
             format!("UPDATE {table} SET deferred = 1, expires_at = NULL WHERE repo_id = ?1 AND {key} = ?2");
         deferred += change_due(tx, &select, &change, now, limit)?.len() as u64;
@@ -254,8 +261,10 @@ pub(super) fn enqueue_unreferenced(
         "INSERT INTO pending_deletes (digest, size_bytes, reason, state, next_attempt_at, deferred_reason, created_at)
          SELECT b.digest, b.size_bytes, ?3, ?4, ?2, ?5, ?2 FROM blobs b
           WHERE b.digest = ?1
-            AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = b.digest)
-            AND NOT EXISTS (SELECT 1 FROM manifest_refs mr WHERE mr.ref_digest = b.digest AND mr.kind = 'blob')
+            -- On ?1, not b.digest: SQLite then checks these before it reads the blob's
+            -- row, and most candidates of a mass expiry are still linked when first seen.
+            AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = ?1)
+            AND NOT EXISTS (SELECT 1 FROM manifest_refs mr WHERE mr.ref_digest = ?1 AND mr.kind = 'blob')
          ON CONFLICT (digest) DO NOTHING",
     )?;
     let mut record = tx.prepare_cached(
