@@ -5,8 +5,9 @@ use crate::metadata::{now_secs, ExpiryReport};
 
 /// Entries of each kind per transaction. Bigger batches commit less often, and with due
 /// rows taken in digest order they share more pages: 4000 expired a million entries 11%
-/// faster than 2000. It stays small enough that a pull waits at most about half a second
-/// for the writer while a mass expiry runs.
+/// faster than 2000. The price is the wait of a cold pull's write while a mass expiry
+/// runs: in that bench a batch took 0.14 s at the median, 0.76 s at p90 and 1.9 s at most
+/// (writer queue and a WAL checkpoint included). Warm pulls only read and never wait.
 const BATCH: u32 = 4000;
 
 pub(super) async fn run(s: Scheduler) {
@@ -24,10 +25,18 @@ pub(super) async fn run(s: Scheduler) {
 pub(super) async fn expire_all_due(s: &Scheduler) -> Result<ExpiryReport, crate::metadata::MetadataError> {
     let mut total = ExpiryReport::default();
     loop {
+        let started = std::time::Instant::now();
         let r = s
             .meta
             .expire_due(now_secs(), BATCH, s.settings.deletes_enabled)
             .await?;
+        // Includes the wait for the writer: how long a batch kept others waiting, at most.
+        tracing::debug!(
+            batch.ms = started.elapsed().as_millis() as u64,
+            batch.entries = r.entries(),
+            batch.postponed = r.postponed,
+            "expiry batch"
+        );
         total.tags += r.tags;
         total.manifest_links += r.manifest_links;
         total.blob_links += r.blob_links;
