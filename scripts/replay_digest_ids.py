@@ -114,11 +114,41 @@ def t(name, f):
     return r
 
 
+def drain_deletes(c, now, finish_one, claim):
+    """The deletion workers' loop without storage: one transaction finishes the batch in
+    hand (in digest order) and claims the next, until nothing is due."""
+    rows = []
+    while True:
+        c.execute("BEGIN IMMEDIATE")
+        t("finish", lambda: [finish_one(d) for d in sorted(rows)])
+        rows = t("claim", lambda: [r[0] for r in c.execute(claim, (now, CLAIM)).fetchall()])
+        t("commit", lambda: c.execute("COMMIT"))
+        if not rows:
+            return
+
+
+def run_to_empty(c, expire, deletes, tables):
+    """Expiry batches, each followed by the deletes it queued, until nothing is due and
+    `tables` are empty. Returns (entries, seconds)."""
+    start = time.perf_counter()
+    total = 0
+    while True:
+        b0 = time.perf_counter()
+        n = expire()
+        LONGEST[0] = max(LONGEST[0], time.perf_counter() - b0)
+        total += n
+        t("deletes", deletes)
+        if n == 0:
+            break
+    el = time.perf_counter() - start
+    left = {k: c.execute("SELECT count(*) FROM " + k).fetchone()[0] for k in tables}
+    assert not any(left.values()), left
+    return total, el
+
+
 def run_compact(db):
     c = conn(db)
     now = int(time.time())
-    start = time.perf_counter()
-    total = 0
 
     def expire():
         c.execute("BEGIN IMMEDIATE")
@@ -172,46 +202,22 @@ def run_compact(db):
             AND NOT EXISTS (SELECT 1 FROM blobs WHERE id = ?1) AND NOT EXISTS (SELECT 1 FROM manifests WHERE id = ?1)
             AND NOT EXISTS (SELECT 1 FROM manifest_refs WHERE ref_id = ?1) AND NOT EXISTS (SELECT 1 FROM pending_deletes WHERE id = ?1)""", (d,))
 
-    def deletes():
-        done = 0
-        rows = []
-        while True:
-            c.execute("BEGIN IMMEDIATE")
-            def fin():
-                for d in sorted(rows):
-                    if c.execute("DELETE FROM pending_deletes WHERE id = ? AND state = 'deleting'", (d,)).rowcount:
-                        c.execute("DELETE FROM blobs WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM repo_blobs WHERE blob_id = ?1)", (d,))
-                        forget_digest(d)
-            t("finish", fin)
-            nxt = t("claim", lambda: [r[0] for r in c.execute("""UPDATE pending_deletes SET state = 'deleting', lease_until = ?1 + 300
-                WHERE id IN (SELECT p.id FROM pending_deletes p WHERE p.state = 'pending' AND p.next_attempt_at <= ?1
-                  AND NOT EXISTS (SELECT 1 FROM write_intents w WHERE w.digest_id = p.id AND w.expires_at > ?1)
-                  ORDER BY p.next_attempt_at LIMIT ?2) RETURNING id""", (now, CLAIM)).fetchall()])
-            t("commit", lambda: c.execute("COMMIT"))
-            done += len(rows)
-            rows = nxt
-            if not rows:
-                return done
+    def finish_one(d):
+        if c.execute("DELETE FROM pending_deletes WHERE id = ? AND state = 'deleting'", (d,)).rowcount:
+            c.execute("DELETE FROM blobs WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM repo_blobs WHERE blob_id = ?1)", (d,))
+            forget_digest(d)
 
-    while True:
-        b0 = time.perf_counter()
-        n = expire()
-        LONGEST[0] = max(LONGEST[0], time.perf_counter() - b0)
-        total += n
-        t("deletes", deletes)
-        if n == 0:
-            break
-    el = time.perf_counter() - start
-    left = {k: c.execute("SELECT count(*) FROM " + k).fetchone()[0] for k in ("digests", "blobs", "manifests", "pending_deletes", "repo_blobs", "manifest_refs")}
-    assert not any(left.values()), left
-    return total, el
+    claim = """UPDATE pending_deletes SET state = 'deleting', lease_until = ?1 + 300
+        WHERE id IN (SELECT p.id FROM pending_deletes p WHERE p.state = 'pending' AND p.next_attempt_at <= ?1
+          AND NOT EXISTS (SELECT 1 FROM write_intents w WHERE w.digest_id = p.id AND w.expires_at > ?1)
+          ORDER BY p.next_attempt_at LIMIT ?2) RETURNING id"""
+    return run_to_empty(c, expire, lambda: drain_deletes(c, now, finish_one, claim),
+                        ("digests", "blobs", "manifests", "pending_deletes", "repo_blobs", "manifest_refs"))
 
 
 def run_current(db):
     c = conn(db)
     now = int(time.time())
-    start = time.perf_counter()
-    total = 0
 
     def expire():
         c.execute("BEGIN IMMEDIATE")
@@ -252,38 +258,16 @@ def run_current(db):
         t("commit", lambda: c.execute("COMMIT"))
         return len(tags) + len(rms) + len(rbs)
 
-    def deletes():
-        done = 0
-        rows = []
-        while True:
-            c.execute("BEGIN IMMEDIATE")
-            def fin():
-                for d in sorted(rows):
-                    if c.execute("DELETE FROM pending_deletes WHERE digest = ? AND state = 'deleting'", (d,)).rowcount:
-                        c.execute("DELETE FROM blobs WHERE digest = ?1 AND NOT EXISTS (SELECT 1 FROM repo_blobs WHERE digest = ?1)", (d,))
-            t("finish", fin)
-            nxt = t("claim", lambda: [r[0] for r in c.execute("""UPDATE pending_deletes SET state = 'deleting', lease_until = ?1 + 300
-                WHERE digest IN (SELECT p.digest FROM pending_deletes p WHERE p.state = 'pending' AND p.next_attempt_at <= ?1
-                  AND NOT EXISTS (SELECT 1 FROM write_intents w WHERE w.digest = p.digest AND w.expires_at > ?1)
-                  ORDER BY p.next_attempt_at LIMIT ?2) RETURNING digest""", (now, CLAIM)).fetchall()])
-            t("commit", lambda: c.execute("COMMIT"))
-            done += len(rows)
-            rows = nxt
-            if not rows:
-                return done
+    def finish_one(d):
+        if c.execute("DELETE FROM pending_deletes WHERE digest = ? AND state = 'deleting'", (d,)).rowcount:
+            c.execute("DELETE FROM blobs WHERE digest = ?1 AND NOT EXISTS (SELECT 1 FROM repo_blobs WHERE digest = ?1)", (d,))
 
-    while True:
-        b0 = time.perf_counter()
-        n = expire()
-        LONGEST[0] = max(LONGEST[0], time.perf_counter() - b0)
-        total += n
-        t("deletes", deletes)
-        if n == 0:
-            break
-    el = time.perf_counter() - start
-    left = {k: c.execute("SELECT count(*) FROM " + k).fetchone()[0] for k in ("blobs", "manifests", "pending_deletes", "repo_blobs", "manifest_refs")}
-    assert not any(left.values()), left
-    return total, el
+    claim = """UPDATE pending_deletes SET state = 'deleting', lease_until = ?1 + 300
+        WHERE digest IN (SELECT p.digest FROM pending_deletes p WHERE p.state = 'pending' AND p.next_attempt_at <= ?1
+          AND NOT EXISTS (SELECT 1 FROM write_intents w WHERE w.digest = p.digest AND w.expires_at > ?1)
+          ORDER BY p.next_attempt_at LIMIT ?2) RETURNING digest"""
+    return run_to_empty(c, expire, lambda: drain_deletes(c, now, finish_one, claim),
+                        ("blobs", "manifests", "pending_deletes", "repo_blobs", "manifest_refs"))
 
 
 def main():
