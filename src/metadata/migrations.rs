@@ -42,7 +42,7 @@ fn migrate_to(conn: &mut Connection, target: i64) -> Result<usize, MetadataError
     let temp_store: i64 = conn.query_row("PRAGMA temp_store", [], |r| r.get(0))?;
     conn.pragma_update(None, "foreign_keys", false)?;
     // Rebuilding a table sorts all its keys: let large sorts spill to temporary files
-    // rather than hold the whole index in memory (115 MiB RSS for a million entries).
+    // rather than hold the whole index in memory (111 MiB RSS for a million entries).
     conn.pragma_update(None, "temp_store", "FILE")?;
     let applied = apply(conn, target);
     conn.pragma_update(None, "temp_store", temp_store)?;
