@@ -6,7 +6,7 @@ mod common;
 
 use common::app::{config_for, TestApp};
 use common::external::{skopeo_copy, DockerRegistry, MotoS3, MOTO_ACCESS_KEY, MOTO_REGION, MOTO_SECRET_KEY};
-use common::images::{sha256_digest, Image, Index};
+use common::images::{assert_layout_has, Image, Index};
 use regcache::config::{Backend, Config, S3Config, Secret};
 use std::path::Path;
 
@@ -17,16 +17,6 @@ fn upstream_blob_gets(registry: &DockerRegistry) -> usize {
         .lines()
         .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:") && l.contains("regcache/"))
         .count()
-}
-
-/// Every blob the pulled OCI layout holds hashes to its name, and `expected` are there.
-fn assert_layout_has(dir: &Path, expected: &[&str]) {
-    for digest in expected {
-        let hex = digest.trim_start_matches("sha256:");
-        let path = dir.join("blobs/sha256").join(hex);
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert_eq!(sha256_digest(&bytes), *digest, "{} is intact", path.display());
-    }
 }
 
 struct Seeded {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::app::{config_for, ok_bytes, pull_image, TestApp};
 use common::binary::run_ok_async;
-use common::data_dir::{blob_files, blob_path, count, db};
+use common::data_dir::{all_deferred, blob_files, blob_path, count, db, entries, leftovers, ENTRY_TABLES};
 use common::failing_store::{FailingStore, INJECTED};
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::{sha256_digest, Image, Index, ACCEPT_ALL_MANIFESTS};
@@ -24,18 +24,6 @@ use reqwest::Method;
 
 /// Deadline of every wait for the scheduler (ttl + poll + use flush + a busy machine).
 const DEADLINE: Duration = Duration::from_secs(30);
-/// The tables that hold cached content; all empty once everything was collected.
-const CONTENT_TABLES: [&str; 6] = [
-    "blobs",
-    "repo_blobs",
-    "tags",
-    "repo_manifests",
-    "manifests",
-    "pending_deletes",
-];
-/// The tables whose rows carry `expires_at`, `deferred` and `last_used_at`.
-const ENTRY_TABLES: [&str; 3] = ["tags", "repo_manifests", "repo_blobs"];
-
 // ----- helpers ------------------------------------------------------------------------
 
 fn now_secs() -> i64 {
@@ -66,49 +54,6 @@ fn has_blob_row(dir: &Path, digest: &str) -> bool {
             |r| r.get(0),
         )
         .unwrap()
-}
-
-/// What is left of cached content: empty when the store and every content table are.
-fn leftovers(dir: &Path) -> String {
-    let mut left = Vec::new();
-    let files = blob_files(dir).len();
-    if files > 0 {
-        left.push(format!("{files} blob files"));
-    }
-    for table in CONTENT_TABLES {
-        let n = count(dir, &format!("SELECT count(*) FROM {table}"));
-        if n > 0 {
-            left.push(format!("{n} rows in {table}"));
-        }
-    }
-    left.join(", ")
-}
-
-/// Rows of the entry tables: (table, expires_at, last_used_at, deferred).
-fn entries(dir: &Path) -> Vec<(&'static str, Option<i64>, i64, bool)> {
-    let conn = db(dir);
-    let mut out = Vec::new();
-    for table in ENTRY_TABLES {
-        let mut stmt = conn
-            .prepare(&format!("SELECT expires_at, last_used_at, deferred FROM {table}"))
-            .unwrap();
-        let rows = stmt
-            .query_map([], |r| Ok((table, r.get(0)?, r.get(1)?, r.get(2)?)))
-            .unwrap();
-        out.extend(rows.map(Result::unwrap));
-    }
-    out
-}
-
-/// (rows in tags, repo_manifests, repo_blobs), all deferred and without a due time.
-fn all_deferred(dir: &Path, expected: (i64, i64, i64)) -> bool {
-    let n = |table: &str| {
-        count(
-            dir,
-            &format!("SELECT count(*) FROM {table} WHERE deferred = 1 AND expires_at IS NULL"),
-        )
-    };
-    (n("tags"), n("repo_manifests"), n("repo_blobs")) == expected
 }
 
 async fn wait_for_next_second(after: i64) {

@@ -42,3 +42,58 @@ pub fn blob_files(data_dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The tables that hold cached content; all empty once everything was collected.
+pub const CONTENT_TABLES: [&str; 6] = [
+    "blobs",
+    "repo_blobs",
+    "tags",
+    "repo_manifests",
+    "manifests",
+    "pending_deletes",
+];
+/// The tables whose rows carry `expires_at`, `deferred` and `last_used_at`.
+pub const ENTRY_TABLES: [&str; 3] = ["tags", "repo_manifests", "repo_blobs"];
+
+/// What is left of cached content: empty when the store and every content table are.
+pub fn leftovers(dir: &Path) -> String {
+    let mut left = Vec::new();
+    let files = blob_files(dir).len();
+    if files > 0 {
+        left.push(format!("{files} blob files"));
+    }
+    for table in CONTENT_TABLES {
+        let n = count(dir, &format!("SELECT count(*) FROM {table}"));
+        if n > 0 {
+            left.push(format!("{n} rows in {table}"));
+        }
+    }
+    left.join(", ")
+}
+
+/// Rows of the entry tables: (table, expires_at, last_used_at, deferred).
+pub fn entries(dir: &Path) -> Vec<(&'static str, Option<i64>, i64, bool)> {
+    let conn = db(dir);
+    let mut out = Vec::new();
+    for table in ENTRY_TABLES {
+        let mut stmt = conn
+            .prepare(&format!("SELECT expires_at, last_used_at, deferred FROM {table}"))
+            .unwrap();
+        let rows = stmt
+            .query_map([], |r| Ok((table, r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap();
+        out.extend(rows.map(Result::unwrap));
+    }
+    out
+}
+
+/// (rows in tags, repo_manifests, repo_blobs), all deferred and without a due time.
+pub fn all_deferred(dir: &Path, expected: (i64, i64, i64)) -> bool {
+    let n = |table: &str| {
+        count(
+            dir,
+            &format!("SELECT count(*) FROM {table} WHERE deferred = 1 AND expires_at IS NULL"),
+        )
+    };
+    (n("tags"), n("repo_manifests"), n("repo_blobs")) == expected
+}

@@ -505,3 +505,13 @@ fn crc32(data: &[u8]) -> u32 {
     }
     !crc
 }
+
+/// Every blob the pulled OCI layout holds hashes to its name, and `expected` are there.
+pub fn assert_layout_has(dir: &Path, expected: &[&str]) {
+    for digest in expected {
+        let hex = digest.trim_start_matches("sha256:");
+        let path = dir.join("blobs/sha256").join(hex);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(sha256_digest(&bytes), *digest, "{} is intact", path.display());
+    }
+}

@@ -1,0 +1,128 @@
+//! Issue 3's distribution 4249 scenario with real parts: the CNCF registry
+//! (`docker-registry`) as the upstream, seeded by `skopeo`, and `skopeo` pulling through
+//! regcache. With deletes off, an expired image is deferred, not forgotten, and still
+//! served with the upstream gone; once regcache restarts with deletes on, everything is
+//! collected at switch time + ttl: store empty, no rows left. (`tests/expiry.rs` runs the
+//! same scenario, and its variations, against the in-process fixture upstream.)
+
+mod common;
+
+use common::app::{config_for, TestApp};
+use common::data_dir::{all_deferred, blob_files, count, entries, leftovers};
+use common::external::{skopeo_copy, DockerRegistry};
+use common::images::{assert_layout_has, Image};
+use common::wait_until_async;
+use regcache::config::Duration as CfgDuration;
+use regcache::metadata::now_secs;
+use std::path::Path;
+use std::time::Duration;
+
+/// Short, so the test waits seconds; the scheduler polls every second.
+const TTL: i64 = 2;
+/// Deadline of every wait for the scheduler (ttl + poll + use flush + a busy machine).
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Pulls `test/app:v1` through regcache with skopeo into a fresh OCI layout under `out`
+/// and checks that the manifest, config and layers in it hash to their digests.
+async fn skopeo_pull(app: &TestApp, image: &Image, out: &Path) {
+    let host = app.base.trim_start_matches("http://");
+    skopeo_copy(
+        &format!("docker://{host}/test/app:v1"),
+        &format!("oci:{}:v1", out.display()),
+        &[],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("pulling test/app through regcache: {e}"));
+    let digests: Vec<&str> = std::iter::once(image.manifest.digest.as_str())
+        .chain(image.blobs().map(|b| b.digest.as_str()))
+        .collect();
+    assert_layout_has(out, &digests);
+}
+
+#[tokio::test]
+async fn deferred_entries_are_served_then_collected_at_switch_time_plus_ttl() {
+    let registry = DockerRegistry::start().await;
+    let image = Image::new("e2e-4249", &[3000, 50_000], "2024-02-03T04:05:06Z");
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("seed");
+    image.write_oci_layout(&layout, "v1");
+    skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{}/test/app:v1", registry.host_port()),
+        &[],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("seeding test/app: {e}"));
+
+    let data = tempfile::tempdir().unwrap();
+    let mut config = config_for(&[("cncf", &registry.url())], data.path());
+    config.storage.delete.enabled = false;
+    config.proxy.ttl = CfgDuration::from_secs(TTL as u64);
+    let mut app = TestApp::start_config(config, Some(data)).await;
+    let dir = app.data_dir();
+
+    skopeo_pull(&app, &image, &work.path().join("first")).await;
+    assert_eq!(blob_files(&dir).len(), 3, "config and two layers stored");
+
+    wait_until_async("every entry is deferred", DEADLINE, || async {
+        all_deferred(&dir, (1, 1, 3))
+    })
+    .await;
+    assert_eq!(count(&dir, "SELECT count(*) FROM pending_deletes"), 0);
+    assert_eq!(blob_files(&dir).len(), 3, "deletes off: nothing removed");
+
+    // Deferred content is still served, with the upstream gone.
+    drop(registry);
+    let used_at = now_secs();
+    skopeo_pull(&app, &image, &work.path().join("offline")).await;
+    // That pull is a use: at the next flush it un-defers what it used, which then
+    // expires (and is deferred) again. Wait for both, so every entry is deferred at the
+    // switch.
+    wait_until_async("the pull's uses are recorded", DEADLINE, || async {
+        count(&dir, "SELECT min(last_used_at) FROM repo_blobs") >= used_at
+            && count(&dir, "SELECT min(last_used_at) FROM tags") >= used_at
+    })
+    .await;
+    wait_until_async("every entry is deferred again", DEADLINE, || async {
+        all_deferred(&dir, (1, 1, 3))
+    })
+    .await;
+
+    let switch_from = now_secs();
+    app.restart_with(|c| c.storage.delete.enabled = true).await;
+    let switch_to = now_secs();
+    assert_eq!(
+        blob_files(&dir).len(),
+        3,
+        "right after the switch, nothing is gone"
+    );
+    let rows = entries(&dir);
+    assert_eq!(rows.len(), 5);
+    for (table, expires, _, deferred) in &rows {
+        let e = expires.unwrap_or_else(|| panic!("{table}: deferred entry without a due time"));
+        assert!(!deferred, "{table}: still deferred after the switch");
+        assert!(
+            (switch_from + TTL..=switch_to + TTL).contains(&e),
+            "{table}: due at {e}, expected switch time + ttl in [{}, {}]",
+            switch_from + TTL,
+            switch_to + TTL
+        );
+    }
+
+    wait_until_async("a blob is collected", DEADLINE, || async {
+        blob_files(&dir).len() < 3
+    })
+    .await;
+    let collected_at = now_secs();
+    assert!(
+        collected_at >= switch_from + TTL,
+        "collected at {collected_at}, before switch time + ttl ({})",
+        switch_from + TTL
+    );
+    wait_until_async(
+        "the store and every content table are empty",
+        DEADLINE,
+        || async { leftovers(&dir).is_empty() },
+    )
+    .await;
+}
