@@ -1,14 +1,17 @@
-//! Issue 3's distribution 4249 scenario with real parts: the CNCF registry
-//! (`docker-registry`) as the upstream, seeded by `skopeo`, and `skopeo` pulling through
-//! regcache. With deletes off, an expired image is deferred, not forgotten, and still
-//! served with the upstream gone; once regcache restarts with deletes on, everything is
-//! collected at switch time + ttl: store empty, no rows left. (`tests/expiry.rs` runs the
-//! same scenario, and its variations, against the in-process fixture upstream.)
+//! Issue 3's expiry with real parts: the CNCF registry (`docker-registry`) as the
+//! upstream, seeded by `skopeo`, and `skopeo` pulling through regcache.
+//! - The distribution 4249 scenario: with deletes off, an expired image is deferred, not
+//!   forgotten, and still served with the upstream gone; once regcache restarts with
+//!   deletes on, everything is collected at switch time + ttl: store empty, no rows left.
+//! - Shared blobs: a layer two repositories share outlives the first one's expiry.
+//!
+//! `tests/expiry.rs` runs these and their variations against the in-process fixture
+//! upstream, faster and with failures injected.
 
 mod common;
 
 use common::app::{config_for, TestApp};
-use common::data_dir::{all_deferred, blob_files, count, entries, leftovers};
+use common::data_dir::{all_deferred, blob_files, blob_path, count, entries, leftovers};
 use common::external::{skopeo_copy, DockerRegistry};
 use common::images::{assert_layout_has, Image};
 use common::wait_until_async;
@@ -22,21 +25,43 @@ const TTL: i64 = 2;
 /// Deadline of every wait for the scheduler (ttl + poll + use flush + a busy machine).
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Pulls `test/app:v1` through regcache with skopeo into a fresh OCI layout under `out`
-/// and checks that the manifest, config and layers in it hash to their digests.
-async fn skopeo_pull(app: &TestApp, image: &Image, out: &Path) {
+/// Pushes `image` to the registry as `repo:v1` with skopeo, from an OCI layout in `work`.
+async fn seed(registry: &DockerRegistry, work: &Path, repo: &str, image: &Image) {
+    let layout = work.join("seed").join(repo);
+    image.write_oci_layout(&layout, "v1");
+    skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{}/{repo}:v1", registry.host_port()),
+        &[],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("seeding {repo}: {e}"));
+}
+
+/// Pulls `repo:v1` through regcache with skopeo into a fresh OCI layout under `out` and
+/// checks that the manifest, config and layers in it hash to their digests.
+async fn skopeo_pull(app: &TestApp, repo: &str, image: &Image, out: &Path) {
     let host = app.base.trim_start_matches("http://");
     skopeo_copy(
-        &format!("docker://{host}/test/app:v1"),
+        &format!("docker://{host}/{repo}:v1"),
         &format!("oci:{}:v1", out.display()),
         &[],
     )
     .await
-    .unwrap_or_else(|e| panic!("pulling test/app through regcache: {e}"));
+    .unwrap_or_else(|e| panic!("pulling {repo} through regcache: {e}"));
     let digests: Vec<&str> = std::iter::once(image.manifest.digest.as_str())
         .chain(image.blobs().map(|b| b.digest.as_str()))
         .collect();
     assert_layout_has(out, &digests);
+}
+
+/// regcache in front of `registry` with `ttl`, deletes on or off.
+async fn start(registry: &DockerRegistry, ttl: i64, deletes: bool) -> TestApp {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = config_for(&[("cncf", &registry.url())], data.path());
+    config.storage.delete.enabled = deletes;
+    config.proxy.ttl = CfgDuration::from_secs(ttl as u64);
+    TestApp::start_config(config, Some(data)).await
 }
 
 #[tokio::test]
@@ -44,24 +69,11 @@ async fn deferred_entries_are_served_then_collected_at_switch_time_plus_ttl() {
     let registry = DockerRegistry::start().await;
     let image = Image::new("e2e-4249", &[3000, 50_000], "2024-02-03T04:05:06Z");
     let work = tempfile::tempdir().unwrap();
-    let layout = work.path().join("seed");
-    image.write_oci_layout(&layout, "v1");
-    skopeo_copy(
-        &format!("oci:{}:v1", layout.display()),
-        &format!("docker://{}/test/app:v1", registry.host_port()),
-        &[],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("seeding test/app: {e}"));
-
-    let data = tempfile::tempdir().unwrap();
-    let mut config = config_for(&[("cncf", &registry.url())], data.path());
-    config.storage.delete.enabled = false;
-    config.proxy.ttl = CfgDuration::from_secs(TTL as u64);
-    let mut app = TestApp::start_config(config, Some(data)).await;
+    seed(&registry, work.path(), "test/app", &image).await;
+    let mut app = start(&registry, TTL, false).await;
     let dir = app.data_dir();
 
-    skopeo_pull(&app, &image, &work.path().join("first")).await;
+    skopeo_pull(&app, "test/app", &image, &work.path().join("first")).await;
     assert_eq!(blob_files(&dir).len(), 3, "config and two layers stored");
 
     wait_until_async("every entry is deferred", DEADLINE, || async {
@@ -74,7 +86,7 @@ async fn deferred_entries_are_served_then_collected_at_switch_time_plus_ttl() {
     // Deferred content is still served, with the upstream gone.
     drop(registry);
     let used_at = now_secs();
-    skopeo_pull(&app, &image, &work.path().join("offline")).await;
+    skopeo_pull(&app, "test/app", &image, &work.path().join("offline")).await;
     // That pull is a use: at the next flush it un-defers what it used, which then
     // expires (and is deferred) again. Wait for both, so every entry is deferred at the
     // switch.
@@ -124,5 +136,61 @@ async fn deferred_entries_are_served_then_collected_at_switch_time_plus_ttl() {
         DEADLINE,
         || async { leftovers(&dir).is_empty() },
     )
+    .await;
+}
+
+/// Two repositories share a layer. The first one's expiry takes its own blobs and keeps
+/// the shared layer (file and row, never queued), which the second serves with the
+/// registry gone; the second one's expiry then empties the store.
+#[tokio::test]
+async fn a_shared_layer_outlives_one_repositorys_expiry() {
+    // B is pulled 5 s after A: A's expiry is checked and B pulled again offline well
+    // before B falls due, even on a busy machine.
+    const SHARED_TTL: i64 = 8;
+    const GAP: i64 = 5;
+    let registry = DockerRegistry::start().await;
+    // Same seed, same first layer size: the first layer is byte-identical.
+    let a = Image::new("e2e-shared", &[20_000, 7000], "2024-01-01T00:00:00Z");
+    let b = Image::new("e2e-shared", &[20_000], "2024-06-01T00:00:00Z");
+    let shared = b.layers[0].digest.clone();
+    assert_eq!(a.layers[0].digest, shared);
+    let work = tempfile::tempdir().unwrap();
+    seed(&registry, work.path(), "team/a", &a).await;
+    seed(&registry, work.path(), "team/b", &b).await;
+    let app = start(&registry, SHARED_TTL, true).await;
+    let dir = app.data_dir();
+
+    skopeo_pull(&app, "team/a", &a, &work.path().join("a")).await;
+    let pulled_a = now_secs();
+    wait_until_async("the gap after A's pull", DEADLINE, || async {
+        now_secs() >= pulled_a + GAP
+    })
+    .await;
+    skopeo_pull(&app, "team/b", &b, &work.path().join("b")).await;
+    assert_eq!(blob_files(&dir).len(), 4, "A's config and layers, B's config");
+
+    let rows = |digest: &str, table: &str| {
+        count(
+            &dir,
+            &format!("SELECT count(*) FROM {table} WHERE digest = '{digest}'"),
+        )
+    };
+    let a_only = [a.config.digest.as_str(), a.layers[1].digest.as_str()];
+    wait_until_async("A's own blobs are collected", DEADLINE, || async {
+        a_only
+            .iter()
+            .all(|d| !blob_path(&dir, d).exists() && rows(d, "blobs") == 0)
+    })
+    .await;
+    assert!(blob_path(&dir, &shared).exists(), "shared layer file kept");
+    assert_eq!(rows(&shared, "blobs"), 1, "shared layer row kept");
+    assert_eq!(rows(&shared, "pending_deletes"), 0, "shared layer never queued");
+
+    drop(registry);
+    skopeo_pull(&app, "team/b", &b, &work.path().join("b-offline")).await;
+
+    wait_until_async("B expires and the store is empty", DEADLINE, || async {
+        leftovers(&dir).is_empty()
+    })
     .await;
 }
