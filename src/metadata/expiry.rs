@@ -17,6 +17,8 @@ pub struct ExpiryReport {
     pub deferred: u64,
     /// Due links kept because something live still holds them, looked at again later.
     pub postponed: u64,
+    /// A due query hit the batch limit: more may be due right now.
+    pub more: bool,
 }
 
 impl ExpiryReport {
@@ -123,14 +125,15 @@ fn change_due(
 /// holds are removed and their digests returned; a held one is postponed until its
 /// holders are due (or one ttl from now when none of them has a due time), so it is not
 /// looked at again on every pass while, say, a client keeps pulling the manifest but never
-/// the layers it already has. Returns (removed digests, how many were postponed).
+/// the layers it already has. Returns the removed digests, how many were postponed, and
+/// whether the batch limit was reached (more may be due).
 fn expire_links(
     tx: &Transaction<'_>,
     select: &str,
     table: &str,
     now: i64,
     limit: u32,
-) -> Result<(Vec<String>, u64), MetadataError> {
+) -> Result<(Vec<String>, u64, bool), MetadataError> {
     let due: Vec<(i64, String, Option<i64>)> = {
         let mut stmt = tx.prepare_cached(select)?;
         let rows = stmt.query_map(params![now, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
@@ -141,6 +144,7 @@ fn expire_links(
         "UPDATE {table} SET expires_at = ?3 WHERE repo_id = ?1 AND digest = ?2"
     ))?;
     let mut one_ttl = tx.prepare_cached(&format!("SELECT {}", expiry_sql("?1", "?2")))?;
+    let more = due.len() >= limit as usize;
     let (mut removed, mut postponed) = (Vec::new(), 0);
     for (repo_id, digest, held) in due {
         match held {
@@ -161,20 +165,29 @@ fn expire_links(
             }
         }
     }
-    Ok((removed, postponed))
+    Ok((removed, postponed, more))
 }
 
 fn expire(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<ExpiryReport, MetadataError> {
     let delete_tag = "DELETE FROM tags WHERE repo_id = ?1 AND name = ?2";
     let tags = change_due(tx, DUE_TAGS, delete_tag, now, limit)?;
-    let (manifest_links, held_manifests) =
+    let (manifest_links, held_manifests, more_manifests) =
         expire_links(tx, DUE_MANIFEST_LINKS, "repo_manifests", now, limit)?;
-    let (blob_links, held_blobs) = expire_links(tx, DUE_BLOB_LINKS, "repo_blobs", now, limit)?;
+    // While manifest links are still due, blob links wait: the blob sweep walks blobs in
+    // digest order, unrelated to the manifests', so it would mostly find links whose
+    // manifest is due but not yet expired and postpone them, a write each (and again
+    // when they come round). Once the manifests are done, it mostly finds them free.
+    let (blob_links, held_blobs, more_blobs) = if more_manifests {
+        (Vec::new(), 0, true)
+    } else {
+        expire_links(tx, DUE_BLOB_LINKS, "repo_blobs", now, limit)?
+    };
     let mut report = ExpiryReport {
         tags: tags.len() as u64,
         manifest_links: manifest_links.len() as u64,
         blob_links: blob_links.len() as u64,
         postponed: held_manifests + held_blobs,
+        more: tags.len() >= limit as usize || more_manifests || more_blobs,
         ..ExpiryReport::default()
     };
     let mut candidates: Vec<String> = blob_links;
@@ -190,7 +203,7 @@ fn expire(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<ExpiryReport, Me
 }
 
 fn defer(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<ExpiryReport, MetadataError> {
-    let mut deferred = 0;
+    let (mut deferred, mut more) = (0, false);
     for (table, key) in [
         ("tags", "name"),
         ("repo_manifests", "digest"),
@@ -201,10 +214,13 @@ fn defer(tx: &Transaction<'_>, now: i64, limit: u32) -> Result<ExpiryReport, Met
         );
         let change =
             format!("UPDATE {table} SET deferred = 1, expires_at = NULL WHERE repo_id = ?1 AND {key} = ?2");
-        deferred += change_due(tx, &select, &change, now, limit)?.len() as u64;
+        let changed = change_due(tx, &select, &change, now, limit)?.len();
+        deferred += changed as u64;
+        more |= changed >= limit as usize;
     }
     Ok(ExpiryReport {
         deferred,
+        more,
         ..ExpiryReport::default()
     })
 }
@@ -279,4 +295,120 @@ pub(super) fn enqueue_unreferenced(
         }
     }
     Ok(queued)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::Connection;
+
+    /// `images` cached images in one repository, every tag and link due at 100: per image
+    /// a tag, a manifest linked in the repository, and a config and a layer blob, both
+    /// linked and named by the manifest.
+    fn due_images(images: usize) -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "foreign_keys", true).unwrap();
+        super::super::migrations::migrate(&mut conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO repositories (id, upstream, name, created_at, last_used_at) VALUES (1, 'hub', 'team/app', 10, 20);
+             INSERT INTO upstream_settings (upstream, ttl_secs, applied_at) VALUES ('hub', 80, 10);",
+        )
+        .unwrap();
+        for i in 0..images {
+            let (m, c, l) = (
+                format!("sha256:m{i}"),
+                format!("sha256:c{i}"),
+                format!("sha256:l{i}"),
+            );
+            conn.execute_batch(&format!(
+                "INSERT INTO blobs (digest, size_bytes, cached_at, last_used_at) VALUES ('{c}', 2, 10, 20), ('{l}', 3, 10, 20);
+                 INSERT INTO manifests (digest, media_type, size_bytes, body, config_digest, cached_at)
+                     VALUES ('{m}', 'application/vnd.oci.image.manifest.v1+json', 2, x'7b7d', '{c}', 10);
+                 INSERT INTO manifest_refs VALUES ('{m}', '{c}', 'blob'), ('{m}', '{l}', 'blob');
+                 INSERT INTO repo_manifests (repo_id, digest, cached_at, last_used_at, expires_at) VALUES (1, '{m}', 10, 20, 100);
+                 INSERT INTO repo_blobs (repo_id, digest, cached_at, last_used_at, expires_at)
+                     VALUES (1, '{c}', 10, 20, 100), (1, '{l}', 10, 20, 100);
+                 INSERT INTO tags (repo_id, name, digest, cached_at, last_used_at, expires_at) VALUES (1, 't{i}', '{m}', 10, 20, 100);"
+            ))
+            .unwrap();
+        }
+        conn
+    }
+
+    fn count(conn: &Connection, sql: &str) -> i64 {
+        conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    /// A mass expiry takes the manifests first and the blob links after them: a blob link
+    /// looked at while the manifest naming it is still due would be postponed (a write, and
+    /// a second look later) although it goes in the same pass.
+    #[test]
+    fn blob_links_wait_while_manifest_links_are_due_and_none_is_postponed() {
+        const IMAGES: usize = 5;
+        const LIMIT: u32 = 2;
+        let mut conn = due_images(IMAGES);
+        let mut batches = Vec::new();
+        loop {
+            let tx = conn.transaction().unwrap();
+            let report = expire(&tx, 200, LIMIT).unwrap();
+            tx.commit().unwrap();
+            batches.push(report);
+            assert!(batches.len() <= 20, "expiry does not end: {batches:?}");
+            if !report.more {
+                break;
+            }
+        }
+        // Two full batches of tags and manifests, with no blob link looked at.
+        for report in &batches[..2] {
+            assert_eq!((report.tags, report.manifest_links, report.blob_links), (2, 2, 0));
+            assert!(report.more);
+        }
+        // The last manifest, then the blob sweep: LIMIT per batch until none is left.
+        assert_eq!((batches[2].tags, batches[2].manifest_links), (1, 1));
+        let blob_links: u64 = batches.iter().map(|r| r.blob_links).sum();
+        assert_eq!(blob_links, 2 * IMAGES as u64);
+        assert!(batches[2..].iter().all(|r| r.blob_links <= u64::from(LIMIT)));
+        assert_eq!(batches.iter().map(|r| r.postponed).sum::<u64>(), 0, "{batches:?}");
+        assert_eq!(
+            batches.iter().map(|r| r.blobs_to_delete).sum::<u64>(),
+            2 * IMAGES as u64
+        );
+        for table in ["tags", "repo_manifests", "repo_blobs", "manifests"] {
+            assert_eq!(
+                count(&conn, &format!("SELECT count(*) FROM {table}")),
+                0,
+                "{table}"
+            );
+        }
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT count(*) FROM pending_deletes WHERE state = 'pending'"
+            ),
+            2 * IMAGES as i64
+        );
+    }
+
+    /// A batch whose limit is filled by removed and postponed links together says more may
+    /// be due, though neither count reaches the limit.
+    #[test]
+    fn a_batch_filled_by_removed_and_postponed_links_asks_for_more() {
+        let mut conn = due_images(3);
+        // Image 0's tag is used again: its manifest link is held, the other two go.
+        conn.execute("UPDATE tags SET expires_at = 500 WHERE name = 't0'", [])
+            .unwrap();
+        let tx = conn.transaction().unwrap();
+        let report = expire(&tx, 200, 3).unwrap();
+        tx.commit().unwrap();
+        assert_eq!((report.tags, report.manifest_links, report.postponed), (2, 2, 1));
+        assert!(report.more, "{report:?}");
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT expires_at FROM repo_manifests WHERE digest = 'sha256:m0'"
+            ),
+            500,
+            "postponed to its tag's due time"
+        );
+    }
 }

@@ -47,10 +47,7 @@ pub(super) async fn expire_all_due(s: &Scheduler) -> Result<ExpiryReport, crate:
         if r.blobs_to_delete > 0 {
             s.deletes_due.notify_one();
         }
-        let full = [r.tags, r.manifest_links, r.blob_links, r.deferred, r.postponed]
-            .iter()
-            .any(|n| *n >= u64::from(BATCH));
-        if !full || s.shutdown.is_cancelled() {
+        if !r.more || s.shutdown.is_cancelled() {
             break;
         }
     }
