@@ -258,12 +258,19 @@ def watch(args):
             else:
                 c = {k: conn.execute("SELECT EXISTS (SELECT 1 FROM %s)" % t).fetchone()[0]
                      for k, t in TABLES.items()}
+            # Until the first batch commits, a count of the tags (~10 ms; every batch
+            # starts with them) so the start of expiry is seen within a poll.
+            tags_left = None
+            if "first_expired" not in ms:
+                tags_left = c["tags"] if full else conn.execute("SELECT count(*) FROM tags").fetchone()[0]
             conn.execute("COMMIT")
             read_secs += time.time() - q0
             polls += 1
             entries = c["tags"] + c["manifest_links"] + c["blob_links"]
             if c["pending"]:
                 mark("first_queued", q0)
+            if tags_left is not None and tags_left < args.tags:
+                mark("first_expired", q0)
             if entries == 0:
                 mark("entries_done", q0)
             if entries == 0 and c["pending"] == 0 and c["blobs"] == 0 and c["manifests"] == 0:
@@ -273,8 +280,6 @@ def watch(args):
                 counts += 1
                 if last is None:
                     ms["entries_at_ready"] = entries
-                if entries < args.entries:
-                    mark("first_expired", q0)
                 if c["blobs"] < args.blobs:
                     mark("first_deleted", q0)
                 last = c
@@ -349,6 +354,7 @@ def main():
     w.add_argument("--out", required=True)
     w.add_argument("--entries", type=int, required=True)
     w.add_argument("--blobs", type=int, required=True)
+    w.add_argument("--tags", type=int, required=True)
     w.add_argument("--poll", type=float, default=0.5)
     w.add_argument("--count-every", type=float, default=5.0)
     w.add_argument("--timeout", type=float, default=600)
