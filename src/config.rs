@@ -220,7 +220,8 @@ pub struct DeleteConfig {
     /// removed: expired entries are kept (and served) as deferred until deletes are on.
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// Storage deletes in flight at once. Default 4.
+    /// Storage deletes in flight at once (parts of a claimed batch; on the filesystem, one
+    /// unlinking thread each). Default 16.
     #[serde(default = "default_delete_workers")]
     pub workers: usize,
     /// Wait before the first retry of a failed delete; doubles per attempt. Default `10s`.
@@ -243,7 +244,7 @@ impl Default for DeleteConfig {
 }
 
 fn default_delete_workers() -> usize {
-    4
+    16
 }
 fn default_retry_initial() -> Duration {
     Duration::from_secs(10)

@@ -10,8 +10,10 @@ use futures::StreamExt;
 /// Deletes claimed per round at first; one bulk request on S3 takes up to 1000.
 const CLAIM_BATCH: u32 = 256;
 /// While batches succeed the claim doubles up to this: a long queue (a mass expiry) gets
-/// through in fewer writer turns, which it shares with expiry's batches.
-const MAX_CLAIM: u32 = 2048;
+/// through in fewer writer turns, which it shares with expiry's batches. As many as one
+/// expiry batch queues at most (`scheduler::expiry`'s 4000 blob links), so the deletes
+/// keep pace turn for turn.
+const MAX_CLAIM: u32 = 4096;
 /// Longest a part of a round may take before it counts as failed; well inside the claim
 /// lease, so no other worker can take the rows back while this one still might delete.
 const DELETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
