@@ -4,6 +4,8 @@
 //!   forgotten, and still served with the upstream gone; once regcache restarts with
 //!   deletes on, everything is collected at switch time + ttl: store empty, no rows left.
 //! - Shared blobs: a layer two repositories share outlives the first one's expiry.
+//! - ttl changes (I6): `0 -> T` on a cache full of entries schedules every one at restart
+//!   time + T and collects all of it; `T -> 0` clears every due time and collects nothing.
 //!
 //! `tests/expiry.rs` runs these and their variations against the in-process fixture
 //! upstream, faster and with failures injected.
@@ -193,4 +195,115 @@ async fn a_shared_layer_outlives_one_repositorys_expiry() {
         leftovers(&dir).is_empty()
     })
     .await;
+}
+
+/// (expires_at, deferred) of every entry, as a check that all of them fit `ok`.
+fn every_entry(dir: &Path, what: &str, ok: impl Fn(Option<i64>) -> bool) {
+    let rows = entries(dir);
+    assert_eq!(
+        rows.len(),
+        2 * 5,
+        "two images: tag, manifest link, 3 blob links each"
+    );
+    for (table, expires, _, deferred) in rows {
+        assert!(!deferred, "{table}: deferred");
+        assert!(ok(expires), "{table}: due at {expires:?}, expected {what}");
+    }
+}
+
+/// Two images cached with ttl 0 (never expire); regcache restarts with ttl T: every entry
+/// is due at restart time + T, nothing goes before, and then everything does.
+#[tokio::test]
+async fn ttl_zero_to_t_collects_every_cached_entry_after_t() {
+    const T: i64 = 4;
+    let registry = DockerRegistry::start().await;
+    let images = [
+        Image::new("e2e-ttl-up-a", &[4000, 9000], "2024-03-01T00:00:00Z"),
+        Image::new("e2e-ttl-up-b", &[5000, 6000], "2024-03-02T00:00:00Z"),
+    ];
+    let work = tempfile::tempdir().unwrap();
+    let repos = ["team/a", "team/b"];
+    for (repo, image) in repos.iter().zip(&images) {
+        seed(&registry, work.path(), repo, image).await;
+    }
+    let mut app = start(&registry, 0, true).await;
+    let dir = app.data_dir();
+    for (repo, image) in repos.iter().zip(&images) {
+        skopeo_pull(&app, repo, image, &work.path().join(repo.replace('/', "-"))).await;
+    }
+    every_entry(&dir, "never (ttl 0)", |e| e.is_none());
+
+    let switch_from = now_secs();
+    app.restart_with(|c| c.proxy.ttl = CfgDuration::from_secs(T as u64))
+        .await;
+    let switch_to = now_secs();
+    let due = switch_from + T..=switch_to + T;
+    every_entry(&dir, &format!("restart time + ttl, {due:?}"), |e| {
+        e.is_some_and(|e| due.contains(&e))
+    });
+    assert_eq!(blob_files(&dir).len(), 6, "nothing goes before it is due");
+
+    wait_until_async(
+        "the store and every content table are empty",
+        DEADLINE,
+        || async { leftovers(&dir).is_empty() },
+    )
+    .await;
+    assert!(
+        now_secs() >= switch_from + T,
+        "collected before restart time + ttl"
+    );
+}
+
+/// An image cached with ttl T; regcache restarts with ttl 0 before it is due: every due
+/// time is cleared, and well past T (several scheduler passes) everything is still stored
+/// and served with the registry gone.
+#[tokio::test]
+async fn ttl_t_to_zero_clears_due_times_and_collects_nothing() {
+    const T: i64 = 6;
+    let registry = DockerRegistry::start().await;
+    let images = [
+        Image::new("e2e-ttl-down-a", &[4000, 9000], "2024-04-01T00:00:00Z"),
+        Image::new("e2e-ttl-down-b", &[5000, 6000], "2024-04-02T00:00:00Z"),
+    ];
+    let work = tempfile::tempdir().unwrap();
+    let repos = ["team/a", "team/b"];
+    for (repo, image) in repos.iter().zip(&images) {
+        seed(&registry, work.path(), repo, image).await;
+    }
+    let mut app = start(&registry, T, true).await;
+    let dir = app.data_dir();
+    for (repo, image) in repos.iter().zip(&images) {
+        skopeo_pull(&app, repo, image, &work.path().join(repo.replace('/', "-"))).await;
+    }
+    let pulled = now_secs();
+    every_entry(&dir, "a due time", |e| e.is_some());
+
+    app.restart_with(|c| c.proxy.ttl = CfgDuration::from_secs(0))
+        .await;
+    assert!(
+        now_secs() < pulled + T,
+        "the restart outlasted the ttl; the test proves nothing"
+    );
+    every_entry(&dir, "never (ttl 0)", |e| e.is_none());
+
+    // Past the old due time, by more than the scheduler's 1 s poll a few times over.
+    wait_until_async("the old due time has long passed", DEADLINE, || async {
+        now_secs() >= pulled + T + 3
+    })
+    .await;
+    assert_eq!(blob_files(&dir).len(), 6, "nothing collected");
+    assert_eq!(count(&dir, "SELECT count(*) FROM pending_deletes"), 0);
+    every_entry(&dir, "never (ttl 0)", |e| e.is_none());
+
+    drop(registry);
+    for (repo, image) in repos.iter().zip(&images) {
+        skopeo_pull(
+            &app,
+            repo,
+            image,
+            &work.path().join(format!("offline-{}", repo.replace('/', "-"))),
+        )
+        .await;
+    }
 }
