@@ -3,8 +3,11 @@
 //! directory. After the restart and one reconciliation, storage and SQLite agree exactly
 //! (every object under `store/blobs` has its `blobs` row and every row its object, no
 //! temporary file, no write intent, no pending delete) and every image still pulls
-//! correctly. A crash between writing an object and committing its row is reproduced
-//! in-process, where a store that hangs after the write pins the window down.
+//! correctly. The large pull is killed twice: under the fixture upstream, which slows one
+//! blob down to pin the moment, and with real parts (docker-registry as the upstream,
+//! skopeo pulling an image of many layers). A crash between writing an object and
+//! committing its row is reproduced in-process, where a store that hangs after the write
+//! pins the window down.
 
 mod common;
 
@@ -15,9 +18,10 @@ use std::time::{Duration, Instant};
 use common::app::{config_for, ok_bytes, TestApp};
 use common::binary::Regcache;
 use common::data_dir::{blob_path, count, db};
+use common::external::{skopeo_copy, DockerRegistry};
 use common::failing_store::FailingStore;
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
-use common::images::{sha256_digest, Image, ACCEPT_ALL_MANIFESTS};
+use common::images::{assert_layout_has, sha256_digest, Image, ACCEPT_ALL_MANIFESTS};
 use common::wait_until_async;
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
@@ -310,6 +314,127 @@ async fn sigkill_in_the_middle_of_a_large_pull() {
         upstream.blob_gets(&small.layers[1].digest),
         1,
         "the small image was served from the cache after the crash"
+    );
+}
+
+/// The `.part` files of downloads in flight, with their sizes.
+fn part_files(data_dir: &Path) -> Vec<u64> {
+    std::fs::read_dir(data_dir.join("tmp")).map_or_else(
+        |_| Vec::new(),
+        |d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+                .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+                .collect()
+        },
+    )
+}
+
+/// Layers of the image skopeo pulls when the server dies: skopeo fetches several at once,
+/// and each is big enough that one is mid-download most of the time.
+const E2E_LAYERS: usize = 40;
+const E2E_LAYER: usize = 1024 * 1024;
+
+/// The large-pull crash with real parts: docker-registry is the upstream and skopeo pulls
+/// an image of many layers through the regcache binary, which is killed once a quarter
+/// of the layers are stored and another one is being downloaded.
+#[tokio::test]
+async fn sigkill_during_a_skopeo_pull_from_docker_registry() {
+    let registry = DockerRegistry::start().await;
+    let image = Image::new("crash-e2e", &vec![E2E_LAYER; E2E_LAYERS], "2024-03-05T00:00:00Z");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let layout = dir.path().join("seed");
+    image.write_oci_layout(&layout, "v1");
+    let reference = |host: &str| format!("docker://{host}/team/big:v1");
+    skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &reference(&registry.host_port()),
+        &[],
+    )
+    .await
+    .expect("seeding the registry");
+    let data_dir = dir.path().join("data");
+    let settings = Settings {
+        upstream: &registry.url(),
+        ttl: "1h",
+        reconcile_grace: "1h",
+    };
+    let mut server = start(dir.path(), &data_dir, &settings).await;
+    let src = reference(server.base.trim_start_matches("http://"));
+    let pulling = tokio::spawn({
+        let (src, dst) = (
+            src.clone(),
+            format!("oci:{}:v1", dir.path().join("first").display()),
+        );
+        async move { skopeo_copy(&src, &dst, &[]).await }
+    });
+
+    // The watcher owns the server, as in the deletion test: it kills without a hop back
+    // to the runtime.
+    let watched = data_dir.clone();
+    let (stored_at_kill, parts_at_kill) = tokio::task::spawn_blocking(move || {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let stored = stored_objects(&watched).len();
+            let parts = part_files(&watched);
+            if stored >= E2E_LAYERS / 4 && !parts.is_empty() {
+                server.sigkill();
+                return (stored, parts);
+            }
+            assert!(
+                Instant::now() < end,
+                "never saw a quarter stored and a download in flight ({stored} stored)"
+            );
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    })
+    .await
+    .expect("watcher");
+    let pulled = pulling.await.expect("skopeo task");
+    assert!(
+        pulled.is_err(),
+        "skopeo finished although the server died mid-pull"
+    );
+    let committed = blob_rows(&data_dir);
+    eprintln!(
+        "killed with {stored_at_kill} objects stored, downloads in flight {parts_at_kill:?}, {} rows",
+        committed.len()
+    );
+    assert!(
+        committed.len() < E2E_LAYERS + 1,
+        "killed in the middle of the pull"
+    );
+
+    let settings = Settings {
+        reconcile_grace: "0",
+        ..settings
+    };
+    let server = start(dir.path(), &data_dir, &settings).await;
+    let report = server.fsck().await;
+    assert_eq!(report["deletes_failed"], 0, "{report:#}");
+    wait_for_agreement(&data_dir, &server).await;
+    assert_fsck_clean(&server.fsck().await);
+    let after = blob_rows(&data_dir);
+    assert!(
+        committed.is_subset(&after),
+        "what was committed before the crash is kept"
+    );
+
+    let out = dir.path().join("second");
+    let src = reference(server.base.trim_start_matches("http://"));
+    skopeo_copy(&src, &format!("oci:{}:v1", out.display()), &[])
+        .await
+        .expect("skopeo pulls the image after the crash");
+    let digests: Vec<&str> = std::iter::once(image.manifest.digest.as_str())
+        .chain(image.blobs().map(|b| b.digest.as_str()))
+        .collect();
+    assert_layout_has(&out, &digests);
+    wait_for_agreement(&data_dir, &server).await;
+    let all: BTreeSet<String> = image.blobs().map(|b| b.digest.clone()).collect();
+    assert_eq!(
+        blob_rows(&data_dir),
+        all,
+        "every blob of the image is cached once"
     );
 }
 
