@@ -179,6 +179,30 @@ fn assert_fsck_clean(report: &serde_json::Value) {
     }
 }
 
+/// Hands `server` to a blocking watcher that polls `ready` every `every` and SIGKILLs the
+/// server the moment it returns `Some`, without a hop back to the runtime (dropping the
+/// server on a panic kills it too). Fails the test with `what` after `DEADLINE`.
+async fn kill_when<T: Send + 'static>(
+    mut server: Regcache,
+    what: &'static str,
+    every: Duration,
+    mut ready: impl FnMut(Instant) -> Option<T> + Send + 'static,
+) -> T {
+    tokio::task::spawn_blocking(move || {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(seen) = ready(end) {
+                server.sigkill();
+                return seen;
+            }
+            assert!(Instant::now() < end, "never saw {what}");
+            std::thread::sleep(every);
+        }
+    })
+    .await
+    .expect("watcher")
+}
+
 // ----- pulling ------------------------------------------------------------------------------
 
 /// Pulls `image` from `base` under `repo` (manifest by tag `v1`, then every blob, `parallel`
@@ -359,7 +383,7 @@ async fn sigkill_during_a_skopeo_pull_from_docker_registry() {
         ttl: "1h",
         reconcile_grace: "1h",
     };
-    let mut server = start(dir.path(), &data_dir, &settings).await;
+    let server = start(dir.path(), &data_dir, &settings).await;
     let src = reference(server.base.trim_start_matches("http://"));
     let pulling = tokio::spawn({
         let (src, dst) = (
@@ -369,27 +393,18 @@ async fn sigkill_during_a_skopeo_pull_from_docker_registry() {
         async move { skopeo_copy(&src, &dst, &[]).await }
     });
 
-    // The watcher owns the server, as in the deletion test: it kills without a hop back
-    // to the runtime.
     let watched = data_dir.clone();
-    let (stored_at_kill, parts_at_kill) = tokio::task::spawn_blocking(move || {
-        let end = Instant::now() + DEADLINE;
-        loop {
+    let (stored_at_kill, parts_at_kill) = kill_when(
+        server,
+        "a quarter of the layers stored and a download in flight",
+        Duration::from_micros(500),
+        move |_| {
             let stored = stored_objects(&watched).len();
             let parts = part_files(&watched);
-            if stored >= E2E_LAYERS / 4 && !parts.is_empty() {
-                server.sigkill();
-                return (stored, parts);
-            }
-            assert!(
-                Instant::now() < end,
-                "never saw a quarter stored and a download in flight ({stored} stored)"
-            );
-            std::thread::sleep(Duration::from_micros(500));
-        }
-    })
-    .await
-    .expect("watcher");
+            (stored >= E2E_LAYERS / 4 && !parts.is_empty()).then_some((stored, parts))
+        },
+    )
+    .await;
     let pulled = pulling.await.expect("skopeo task");
     assert!(
         pulled.is_err(),
@@ -482,17 +497,17 @@ async fn sigkill_in_the_middle_of_a_deletion_batch() {
         ttl: "1s",
         ..settings
     };
-    let mut server = start(dir.path(), &data_dir, &settings).await;
+    let server = start(dir.path(), &data_dir, &settings).await;
     let watched = data_dir.clone();
     let pid = server.pid();
-    // The watcher owns the server: it kills it without a hop back to the runtime, and
-    // dropping it on a panic kills it too.
-    let seen = tokio::task::spawn_blocking(move || {
-        let db = db(&watched);
-        let end = Instant::now() + DEADLINE;
-        let mut max = 0i64;
-        loop {
-            let (queued, deleting): (i64, i64) = db
+    let queue = db(&watched);
+    let mut max = 0i64;
+    let seen = kill_when(
+        server,
+        "a deletion batch in progress",
+        Duration::from_micros(200),
+        move |end| {
+            let (queued, deleting): (i64, i64) = queue
                 .query_row(
                     "SELECT count(*), coalesce(sum(state = 'deleting'), 0) FROM pending_deletes",
                     [],
@@ -502,29 +517,23 @@ async fn sigkill_in_the_middle_of_a_deletion_batch() {
             max = max.max(queued);
             // A first batch is done (the queue shrank) and the next one is claimed: kill
             // as soon as its first objects are gone from storage, before the rows go.
-            if deleting > 0 && queued < max {
-                let claimed: Vec<PathBuf> = {
-                    let mut stmt = db
-                        .prepare("SELECT digest FROM pending_deletes WHERE state = 'deleting'")
-                        .expect("prepare");
-                    let rows = stmt.query_map([], |r| r.get::<_, String>(0)).expect("query");
-                    rows.map(|d| blob_path(&watched, &d.expect("digest"))).collect()
-                };
-                while claimed.iter().all(|f| f.exists()) && Instant::now() < end {
-                    std::hint::spin_loop();
-                }
-                server.sigkill();
-                return (max, queued, deleting);
+            if deleting == 0 || queued >= max {
+                return None;
             }
-            assert!(
-                Instant::now() < end,
-                "no deletion batch in progress seen (queue peaked at {max})"
-            );
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    })
-    .await
-    .expect("watcher");
+            let claimed: Vec<PathBuf> = {
+                let mut stmt = queue
+                    .prepare("SELECT digest FROM pending_deletes WHERE state = 'deleting'")
+                    .expect("prepare");
+                let rows = stmt.query_map([], |r| r.get::<_, String>(0)).expect("query");
+                rows.map(|d| blob_path(&watched, &d.expect("digest"))).collect()
+            };
+            while claimed.iter().all(|f| f.exists()) && Instant::now() < end {
+                std::hint::spin_loop();
+            }
+            Some((max, queued, deleting))
+        },
+    )
+    .await;
     let (peak, at_kill, deleting_at_kill) = seen;
     let queued = count(&data_dir, "SELECT count(*) FROM pending_deletes");
     let claimed = count(

@@ -211,26 +211,46 @@ fn every_entry(dir: &Path, what: &str, ok: impl Fn(Option<i64>) -> bool) {
     }
 }
 
+/// Two images seeded into a fresh registry as `team/a:v1` and `team/b:v1` (`name` makes
+/// them unique), then pulled through a fresh regcache with `ttl`.
+async fn two_images_cached(
+    name: &str,
+    ttl: i64,
+) -> (
+    DockerRegistry,
+    tempfile::TempDir,
+    [(&'static str, Image); 2],
+    TestApp,
+) {
+    let registry = DockerRegistry::start().await;
+    let images = [
+        (
+            "team/a",
+            Image::new(&format!("{name}-a"), &[4000, 9000], "2024-03-01T00:00:00Z"),
+        ),
+        (
+            "team/b",
+            Image::new(&format!("{name}-b"), &[5000, 6000], "2024-03-02T00:00:00Z"),
+        ),
+    ];
+    let work = tempfile::tempdir().unwrap();
+    for (repo, image) in &images {
+        seed(&registry, work.path(), repo, image).await;
+    }
+    let app = start(&registry, ttl, true).await;
+    for (repo, image) in &images {
+        skopeo_pull(&app, repo, image, &work.path().join(repo.replace('/', "-"))).await;
+    }
+    (registry, work, images, app)
+}
+
 /// Two images cached with ttl 0 (never expire); regcache restarts with ttl T: every entry
 /// is due at restart time + T, nothing goes before, and then everything does.
 #[tokio::test]
 async fn ttl_zero_to_t_collects_every_cached_entry_after_t() {
     const T: i64 = 4;
-    let registry = DockerRegistry::start().await;
-    let images = [
-        Image::new("e2e-ttl-up-a", &[4000, 9000], "2024-03-01T00:00:00Z"),
-        Image::new("e2e-ttl-up-b", &[5000, 6000], "2024-03-02T00:00:00Z"),
-    ];
-    let work = tempfile::tempdir().unwrap();
-    let repos = ["team/a", "team/b"];
-    for (repo, image) in repos.iter().zip(&images) {
-        seed(&registry, work.path(), repo, image).await;
-    }
-    let mut app = start(&registry, 0, true).await;
+    let (_registry, _work, _images, mut app) = two_images_cached("e2e-ttl-up", 0).await;
     let dir = app.data_dir();
-    for (repo, image) in repos.iter().zip(&images) {
-        skopeo_pull(&app, repo, image, &work.path().join(repo.replace('/', "-"))).await;
-    }
     every_entry(&dir, "never (ttl 0)", |e| e.is_none());
 
     let switch_from = now_secs();
@@ -255,27 +275,14 @@ async fn ttl_zero_to_t_collects_every_cached_entry_after_t() {
     );
 }
 
-/// An image cached with ttl T; regcache restarts with ttl 0 before it is due: every due
+/// Two images cached with ttl T; regcache restarts with ttl 0 before they are due: every due
 /// time is cleared, and well past T (several scheduler passes) everything is still stored
 /// and served with the registry gone.
 #[tokio::test]
 async fn ttl_t_to_zero_clears_due_times_and_collects_nothing() {
     const T: i64 = 6;
-    let registry = DockerRegistry::start().await;
-    let images = [
-        Image::new("e2e-ttl-down-a", &[4000, 9000], "2024-04-01T00:00:00Z"),
-        Image::new("e2e-ttl-down-b", &[5000, 6000], "2024-04-02T00:00:00Z"),
-    ];
-    let work = tempfile::tempdir().unwrap();
-    let repos = ["team/a", "team/b"];
-    for (repo, image) in repos.iter().zip(&images) {
-        seed(&registry, work.path(), repo, image).await;
-    }
-    let mut app = start(&registry, T, true).await;
+    let (registry, work, images, mut app) = two_images_cached("e2e-ttl-down", T).await;
     let dir = app.data_dir();
-    for (repo, image) in repos.iter().zip(&images) {
-        skopeo_pull(&app, repo, image, &work.path().join(repo.replace('/', "-"))).await;
-    }
     let pulled = now_secs();
     every_entry(&dir, "a due time", |e| e.is_some());
 
@@ -297,7 +304,7 @@ async fn ttl_t_to_zero_clears_due_times_and_collects_nothing() {
     every_entry(&dir, "never (ttl 0)", |e| e.is_none());
 
     drop(registry);
-    for (repo, image) in repos.iter().zip(&images) {
+    for (repo, image) in &images {
         skopeo_pull(
             &app,
             repo,
