@@ -33,6 +33,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 // ----- the regcache binary ----------------------------------------------------------------
 
 /// What differs between the runs of one test.
+#[derive(Clone, Copy)]
 struct Settings<'a> {
     upstream: &'a str,
     /// `proxy.ttl`, which the default upstream "short" uses.
@@ -203,6 +204,22 @@ async fn kill_when<T: Send + 'static>(
     .expect("watcher")
 }
 
+/// Starts the server again on `data_dir` after a crash, with reconciliation taking
+/// anything younger too (grace 0), runs fsck, and waits until storage and SQLite agree;
+/// a second fsck then finds nothing to do.
+async fn restart_and_reconcile(dir: &Path, data_dir: &Path, settings: &Settings<'_>) -> Regcache {
+    let settings = Settings {
+        reconcile_grace: "0",
+        ..*settings
+    };
+    let server = start(dir, data_dir, &settings).await;
+    let report = server.fsck().await;
+    assert_eq!(report["deletes_failed"], 0, "{report:#}");
+    wait_for_agreement(data_dir, &server).await;
+    assert_fsck_clean(&server.fsck().await);
+    server
+}
+
 // ----- pulling ------------------------------------------------------------------------------
 
 /// Pulls `image` from `base` under `repo` (manifest by tag `v1`, then every blob, `parallel`
@@ -284,14 +301,7 @@ async fn sigkill_in_the_middle_of_a_large_pull() {
     });
 
     // Kill once the download is well under way: its .part file holds over 1 MiB.
-    let part_size = |data_dir: &Path| -> Option<u64> {
-        std::fs::read_dir(data_dir.join("tmp"))
-            .ok()?
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
-            .filter_map(|e| e.metadata().ok().map(|m| m.len()))
-            .max()
-    };
+    let part_size = |data_dir: &Path| part_files(data_dir).into_iter().max();
     wait_until_async("the large blob is part-way downloaded", DEADLINE, || async {
         part_size(&data_dir).is_some_and(|n| n >= 1024 * 1024)
     })
@@ -308,17 +318,9 @@ async fn sigkill_in_the_middle_of_a_large_pull() {
     );
     assert!(!stored_objects(&data_dir).contains(&layer.digest));
 
-    // Restart on the same data dir; reconciliation takes anything younger too.
+    // Restart on the same data dir.
     upstream.heal_blob(&layer.digest);
-    let settings = Settings {
-        reconcile_grace: "0",
-        ..settings
-    };
-    let server = start(dir.path(), &data_dir, &settings).await;
-    let report = server.fsck().await;
-    assert_eq!(report["deletes_failed"], 0, "{report:#}");
-    wait_for_agreement(&data_dir, &server).await;
-    assert_fsck_clean(&server.fsck().await);
+    let server = restart_and_reconcile(dir.path(), &data_dir, &settings).await;
     let expected: BTreeSet<String> = small
         .blobs()
         .chain([&big.config])
@@ -420,15 +422,7 @@ async fn sigkill_during_a_skopeo_pull_from_docker_registry() {
         "killed in the middle of the pull"
     );
 
-    let settings = Settings {
-        reconcile_grace: "0",
-        ..settings
-    };
-    let server = start(dir.path(), &data_dir, &settings).await;
-    let report = server.fsck().await;
-    assert_eq!(report["deletes_failed"], 0, "{report:#}");
-    wait_for_agreement(&data_dir, &server).await;
-    assert_fsck_clean(&server.fsck().await);
+    let server = restart_and_reconcile(dir.path(), &data_dir, &settings).await;
     let after = blob_rows(&data_dir);
     assert!(
         committed.is_subset(&after),
