@@ -4,6 +4,8 @@
 //!   forgotten, and still served with the upstream gone; once regcache restarts with
 //!   deletes on, everything is collected at switch time + ttl: store empty, no rows left.
 //! - Shared blobs: a layer two repositories share outlives the first one's expiry.
+//! - Rescue: blobs whose deletes are pending (failed, kept, deferred) are pulled again by
+//!   skopeo and served from the store, their deletes cancelled.
 //! - ttl changes (I6): `0 -> T` on a cache full of entries schedules every one at restart
 //!   time + T and collects all of it; `T -> 0` clears every due time and collects nothing.
 //!
@@ -15,6 +17,7 @@ mod common;
 use common::app::{config_for, TestApp};
 use common::data_dir::{all_deferred, blob_files, blob_path, count, entries, leftovers};
 use common::external::{skopeo_copy, DockerRegistry};
+use common::failing_store::FailingStore;
 use common::images::{assert_layout_has, Image};
 use common::wait_until_async;
 use regcache::config::Duration as CfgDuration;
@@ -313,4 +316,103 @@ async fn ttl_t_to_zero_clears_due_times_and_collects_nothing() {
         )
         .await;
     }
+}
+
+/// Rescue with real parts around the failure-injecting store: two images are pulled from
+/// docker-registry by skopeo and expire while every delete fails, so their blobs' deletes
+/// stay pending (failed, kept); regcache restarts with deletes off (they wait as
+/// deferred) and skopeo pulls image A again. A's deletes are cancelled and its stored
+/// files served as they were (same inodes: not fetched and written again). With deletes
+/// back on and the store healed, B, the control, is deleted and A stays.
+#[tokio::test]
+async fn blobs_pulled_again_while_their_deletes_are_pending_are_rescued() {
+    use std::os::unix::fs::MetadataExt;
+    let registry = DockerRegistry::start().await;
+    let a = Image::new("e2e-rescue-a", &[30_000, 40_000], "2024-05-01T00:00:00Z");
+    let b = Image::new("e2e-rescue-b", &[20_000], "2024-05-02T00:00:00Z");
+    let work = tempfile::tempdir().unwrap();
+    seed(&registry, work.path(), "team/a", &a).await;
+    seed(&registry, work.path(), "team/b", &b).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = config_for(&[("cncf", &registry.url())], data.path());
+    config.proxy.ttl = CfgDuration::from_secs(TTL as u64);
+    config.storage.delete.retry_initial = CfgDuration::from_secs(3600);
+    config.storage.delete.retry_max = CfgDuration::from_secs(3600);
+    let store = FailingStore::on_dir(&config.server.data_dir.join("store"));
+    let mut app = TestApp::start_with_store(config, store.as_dyn(), Some(data)).await;
+    let dir = app.data_dir();
+    skopeo_pull(&app, "team/a", &a, &work.path().join("a")).await;
+    skopeo_pull(&app, "team/b", &b, &work.path().join("b")).await;
+    store.fail_deletes_forever();
+    let inodes = |image: &Image| -> Vec<u64> {
+        image
+            .blobs()
+            .map(|blob| {
+                std::fs::metadata(blob_path(&dir, &blob.digest))
+                    .unwrap_or_else(|e| panic!("{} is stored: {e}", blob.digest))
+                    .ino()
+            })
+            .collect()
+    };
+    let a_inodes = inodes(&a);
+
+    let all = (a.blobs().count() + b.blobs().count()) as i64;
+    wait_until_async("every blob's delete failed and is kept", DEADLINE, || async {
+        count(
+            &dir,
+            "SELECT count(*) FROM pending_deletes WHERE state = 'pending' AND attempts >= 1 AND last_error IS NOT NULL",
+        ) == all
+    })
+    .await;
+    assert_eq!(
+        blob_files(&dir).len() as i64,
+        all,
+        "a failed delete removes nothing"
+    );
+
+    app.restart_with_store(store.as_dyn(), |c| {
+        c.storage.delete.enabled = false;
+        c.proxy.ttl = CfgDuration::from_secs(3600);
+    })
+    .await;
+    wait_until_async("the pending deletes wait as deferred", DEADLINE, || async {
+        count(
+            &dir,
+            "SELECT count(*) FROM pending_deletes WHERE state = 'deferred'",
+        ) == all
+    })
+    .await;
+
+    skopeo_pull(&app, "team/a", &a, &work.path().join("a-again")).await;
+    let pending = |image: &Image| -> i64 {
+        image
+            .blobs()
+            .map(|blob| {
+                count(
+                    &dir,
+                    &format!(
+                        "SELECT count(*) FROM pending_deletes WHERE digest = '{}'",
+                        blob.digest
+                    ),
+                )
+            })
+            .sum()
+    };
+    assert_eq!(pending(&a), 0, "the pull cancelled A's deletes");
+    assert_eq!(pending(&b), b.blobs().count() as i64, "B's deletes still wait");
+    assert_eq!(
+        inodes(&a),
+        a_inodes,
+        "A's blobs were served from the store as they were"
+    );
+
+    store.heal();
+    app.restart_with_store(store.as_dyn(), |c| c.storage.delete.enabled = true)
+        .await;
+    wait_until_async("B, the control, is deleted", DEADLINE, || async {
+        pending(&b) == 0 && b.blobs().all(|blob| !blob_path(&dir, &blob.digest).exists())
+    })
+    .await;
+    assert_eq!(inodes(&a), a_inodes, "A's blobs are still stored");
+    assert_eq!(pending(&a), 0);
 }
