@@ -1050,10 +1050,76 @@ async fn size_bound_evicts_least_recently_used_down_to_low_watermark() {
     );
 }
 
+/// A GET whose response is held: headers read, body left unread. The receive buffer is
+/// pinned small before connecting, which turns off the kernel's receive autotuning; with
+/// it on, loopback buffers grow to `tcp_rmem`'s maximum (32 MiB on some machines) and
+/// the server could finish sending a "held" blob and release it.
+struct HeldResponse {
+    stream: tokio::net::TcpStream,
+    /// What was read past the headers.
+    body_start: Vec<u8>,
+    status: u16,
+    content_length: usize,
+}
+
+impl HeldResponse {
+    async fn get(base: &str, path: &str) -> HeldResponse {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr: std::net::SocketAddr = base
+            .trim_start_matches("http://")
+            .parse()
+            .expect("regcache address");
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(64 << 10).expect("SO_RCVBUF");
+        let mut stream = socket.connect(addr).await.expect("connect to regcache");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send request");
+        let mut buf = Vec::new();
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.expect("read headers");
+            assert!(n > 0, "connection closed before the headers ended");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status line");
+        let content_length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("content-length header");
+        HeldResponse {
+            stream,
+            body_start: buf[end..].to_vec(),
+            status,
+            content_length,
+        }
+    }
+
+    async fn body(mut self) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut body = self.body_start;
+        self.stream
+            .read_to_end(&mut body)
+            .await
+            .expect("held stream completes");
+        assert_eq!(body.len(), self.content_length, "the whole body arrived");
+        body
+    }
+}
+
 /// A blob being streamed to a client is never evicted, even when it is the least
 /// recently used: a client holds a response of a large stored blob open without reading
-/// (32 MiB: more than socket buffers hold) while newer images push the store over the
-/// bound; newer blobs are evicted instead, and the held stream completes intact.
+/// (32 MiB: far more than the pinned receive buffer and the server's send buffer hold)
+/// while newer images push the store over the bound; newer blobs are evicted instead, and
+/// the held stream completes intact.
 #[tokio::test]
 async fn blob_being_served_is_not_evicted() {
     let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
@@ -1077,8 +1143,8 @@ async fn blob_being_served_is_not_evicted() {
     let layer = &big.layers[0];
 
     // A cache hit, held open: headers received, body not read.
-    let held = app.get(&format!("/v2/big/app/blobs/{}", layer.digest)).await;
-    assert_eq!(held.status(), 200);
+    let held = HeldResponse::get(&app.base, &format!("/v2/big/app/blobs/{}", layer.digest)).await;
+    assert_eq!(held.status, 200);
     let held_at = now_secs();
     // Newer content, strictly later than the held blob's use, over the bound.
     wait_for_next_second(held_at).await;
@@ -1099,6 +1165,6 @@ async fn blob_being_served_is_not_evicted() {
         fillers.iter().any(|f| !has_blob_row(&dir, &f.layers[0].digest)),
         "other blobs were evicted instead"
     );
-    let body = held.bytes().await.expect("held stream completes");
+    let body = held.body().await;
     assert_eq!(sha256_digest(&body), layer.digest, "held stream intact");
 }
