@@ -5,7 +5,9 @@
 //! temporary file, no write intent, no pending delete) and every image still pulls
 //! correctly. The large pull is killed twice: under the fixture upstream, which slows one
 //! blob down to pin the moment, and with real parts (docker-registry as the upstream,
-//! skopeo pulling an image of many layers). A crash between writing an object and
+//! skopeo pulling an image of many layers). The deletion batch is killed with real parts:
+//! skopeo caches the images from docker-registry and pulls them again after the restart,
+//! the kept one with the registry gone. A crash between writing an object and
 //! committing its row is reproduced in-process, where a store that hangs after the write
 //! pins the window down.
 
@@ -18,10 +20,10 @@ use std::time::{Duration, Instant};
 use common::app::{config_for, ok_bytes, TestApp};
 use common::binary::Regcache;
 use common::data_dir::{blob_path, count, db};
-use common::external::{skopeo_copy, DockerRegistry};
+use common::external::{push_image, skopeo_copy, skopeo_pull, DockerRegistry};
 use common::failing_store::FailingStore;
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
-use common::images::{assert_layout_has, sha256_digest, Image, ACCEPT_ALL_MANIFESTS};
+use common::images::{sha256_digest, Image, ACCEPT_ALL_MANIFESTS};
 use common::wait_until_async;
 use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
@@ -42,7 +44,7 @@ struct Settings<'a> {
 }
 
 /// Starts `regcache serve` on `data_dir` with upstreams "short", the default, with `ttl`,
-/// and "long" with ttl 1h, both the fixture.
+/// and "long" with ttl 1h, both at `s.upstream`.
 async fn start(dir: &Path, data_dir: &Path, s: &Settings<'_>) -> Regcache {
     Regcache::start(dir, &ulid_like().to_string(), |port| {
         format!(
@@ -369,16 +371,8 @@ async fn sigkill_during_a_skopeo_pull_from_docker_registry() {
     let registry = DockerRegistry::start().await;
     let image = Image::new("crash-e2e", &vec![E2E_LAYER; E2E_LAYERS], "2024-03-05T00:00:00Z");
     let dir = tempfile::tempdir().expect("temp dir");
-    let layout = dir.path().join("seed");
-    image.write_oci_layout(&layout, "v1");
+    push_image(&registry, dir.path(), "team/big", &image).await;
     let reference = |host: &str| format!("docker://{host}/team/big:v1");
-    skopeo_copy(
-        &format!("oci:{}:v1", layout.display()),
-        &reference(&registry.host_port()),
-        &[],
-    )
-    .await
-    .expect("seeding the registry");
     let data_dir = dir.path().join("data");
     let settings = Settings {
         upstream: &registry.url(),
@@ -429,15 +423,7 @@ async fn sigkill_during_a_skopeo_pull_from_docker_registry() {
         "what was committed before the crash is kept"
     );
 
-    let out = dir.path().join("second");
-    let src = reference(server.base.trim_start_matches("http://"));
-    skopeo_copy(&src, &format!("oci:{}:v1", out.display()), &[])
-        .await
-        .expect("skopeo pulls the image after the crash");
-    let digests: Vec<&str> = std::iter::once(image.manifest.digest.as_str())
-        .chain(image.blobs().map(|b| b.digest.as_str()))
-        .collect();
-    assert_layout_has(&out, &digests);
+    skopeo_pull(&server.base, "team/big", &image, &dir.path().join("second")).await;
     wait_for_agreement(&data_dir, &server).await;
     let all: BTreeSet<String> = image.blobs().map(|b| b.digest.clone()).collect();
     assert_eq!(
@@ -447,22 +433,45 @@ async fn sigkill_during_a_skopeo_pull_from_docker_registry() {
     );
 }
 
-/// Layers of the image whose deletion is interrupted: enough that the pipeline needs
-/// several claim batches (256 each), so there is a middle to kill it in.
-const MANY: usize = 700;
+/// Pulls every `(repo, image)` from `base` with skopeo, all at once, each into its own
+/// OCI layout under `out`, checked.
+async fn skopeo_pull_all(base: &str, images: &[(String, Image)], out: &Path) {
+    std::fs::create_dir_all(out).expect("creating the layouts' directory");
+    let pulls = images.iter().map(|(repo, image)| async move {
+        skopeo_pull(base, repo, image, &out.join(repo.replace('/', "-"))).await;
+    });
+    futures::future::join_all(pulls).await;
+}
 
+/// Layers of the images whose deletion is interrupted: enough that the pipeline needs
+/// several claim batches (the first is 256), so there is a middle to kill it in.
+const MANY: usize = 700;
+/// The layers are spread over this many images, pushed and pulled in parallel: skopeo
+/// pushes one image's layers to docker-registry at about 25 a second.
+const MANY_IMAGES: usize = 4;
+
+/// The deletion crash with real parts: docker-registry is the upstream and skopeo pulls
+/// through the regcache binary, before the kill and after it.
 #[tokio::test]
 async fn sigkill_in_the_middle_of_a_deletion_batch() {
-    let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
-    let sizes = vec![1; MANY];
-    let many = Image::new("crash-delete-many", &sizes, "2024-03-03T00:00:00Z");
+    let registry = DockerRegistry::start().await;
+    // 8 bytes each: layers differ between the images too (one byte would collide).
+    let sizes = vec![8; MANY / MANY_IMAGES];
+    let many: Vec<(String, Image)> = (0..MANY_IMAGES)
+        .map(|i| {
+            let image = Image::new(&format!("crash-delete-many-{i}"), &sizes, "2024-03-03T00:00:00Z");
+            (format!("team/many-{i}"), image)
+        })
+        .collect();
     let keep = Image::new("crash-delete-keep", &[3_000, 50_000], "2024-03-04T00:00:00Z");
-    upstream.add_image("team/many", Some("v1"), &many);
-    upstream.add_image("team/keep", Some("v1"), &keep);
     let dir = tempfile::tempdir().expect("temp dir");
+    let pushes = many
+        .iter()
+        .map(|(repo, image)| push_image(&registry, dir.path(), repo, image));
+    futures::future::join_all(pushes).await;
+    push_image(&registry, dir.path(), "team/keep", &keep).await;
     let data_dir = dir.path().join("data");
-    let client = reqwest::Client::new();
-    let url = upstream.url();
+    let url = registry.url();
 
     // Cache everything with a long ttl, then stop cleanly.
     let settings = Settings {
@@ -472,21 +481,18 @@ async fn sigkill_in_the_middle_of_a_deletion_batch() {
     };
     let mut server = start(dir.path(), &data_dir, &settings).await;
     let started = Instant::now();
-    pull(&client, &server.base, "team/many", &many, 8).await;
-    pull(&client, &server.base, "long/team/keep", &keep, 2).await;
+    skopeo_pull_all(&server.base, &many, &dir.path().join("many")).await;
+    skopeo_pull(&server.base, "long/team/keep", &keep, &dir.path().join("keep")).await;
+    let cached = blob_rows(&data_dir);
     eprintln!(
         "cached {} blobs in {:.1} s",
-        MANY + 4,
+        cached.len(),
         started.elapsed().as_secs_f64()
     );
     server.stop().await;
-    let cached = blob_rows(&data_dir);
-    assert_eq!(cached.len(), MANY + 4);
+    assert_eq!(cached.len(), MANY + MANY_IMAGES + 3, "layers and configs");
     assert_eq!(stored_objects(&data_dir), cached);
 
-    // ttl 1h -> 1s: at start-up everything of "short" is due at once (I6); expiry queues
-    // it and the workers delete it in batches. Watch the queue closely and kill the
-    // server while it works on a batch after the first (claimed rows, objects going).
     let settings = Settings {
         ttl: "1s",
         ..settings
@@ -552,7 +558,7 @@ async fn sigkill_in_the_middle_of_a_deletion_batch() {
     );
     assert_eq!(
         peak,
-        i64::try_from(MANY + 1).expect("small"),
+        i64::try_from(MANY + MANY_IMAGES).expect("small"),
         "config and layers queued"
     );
     assert!(
@@ -581,14 +587,16 @@ async fn sigkill_in_the_middle_of_a_deletion_batch() {
     );
     assert_eq!(count(&data_dir, "SELECT count(*) FROM manifests"), 1);
 
-    pull(&client, &server.base, "long/team/keep", &keep, 2).await;
-    pull(&client, &server.base, "team/many", &many, 8).await;
-    let keep_gets: usize = keep.blobs().map(|b| upstream.blob_gets(&b.digest)).sum();
-    assert_eq!(
-        keep_gets,
-        keep_digests.len(),
-        "the kept image came from the cache"
-    );
+    // The deleted image is fetched again; the kept one is served with the upstream gone.
+    skopeo_pull_all(&server.base, &many, &dir.path().join("many-again")).await;
+    drop(registry);
+    skopeo_pull(
+        &server.base,
+        "long/team/keep",
+        &keep,
+        &dir.path().join("keep-offline"),
+    )
+    .await;
 }
 
 /// The window between writing an object and committing its row, pinned down in-process:

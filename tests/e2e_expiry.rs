@@ -16,9 +16,9 @@ mod common;
 
 use common::app::{config_for, TestApp};
 use common::data_dir::{all_deferred, blob_files, blob_path, count, entries, leftovers};
-use common::external::{skopeo_copy, DockerRegistry};
+use common::external::{push_image, skopeo_pull, DockerRegistry};
 use common::failing_store::FailingStore;
-use common::images::{assert_layout_has, Image};
+use common::images::Image;
 use common::wait_until_async;
 use regcache::config::Duration as CfgDuration;
 use regcache::metadata::now_secs;
@@ -29,36 +29,6 @@ use std::time::Duration;
 const TTL: i64 = 2;
 /// Deadline of every wait for the scheduler (ttl + poll + use flush + a busy machine).
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// Pushes `image` to the registry as `repo:v1` with skopeo, from an OCI layout in `work`.
-async fn seed(registry: &DockerRegistry, work: &Path, repo: &str, image: &Image) {
-    let layout = work.join("seed").join(repo);
-    image.write_oci_layout(&layout, "v1");
-    skopeo_copy(
-        &format!("oci:{}:v1", layout.display()),
-        &format!("docker://{}/{repo}:v1", registry.host_port()),
-        &[],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("seeding {repo}: {e}"));
-}
-
-/// Pulls `repo:v1` through regcache with skopeo into a fresh OCI layout under `out` and
-/// checks that the manifest, config and layers in it hash to their digests.
-async fn skopeo_pull(app: &TestApp, repo: &str, image: &Image, out: &Path) {
-    let host = app.base.trim_start_matches("http://");
-    skopeo_copy(
-        &format!("docker://{host}/{repo}:v1"),
-        &format!("oci:{}:v1", out.display()),
-        &[],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("pulling {repo} through regcache: {e}"));
-    let digests: Vec<&str> = std::iter::once(image.manifest.digest.as_str())
-        .chain(image.blobs().map(|b| b.digest.as_str()))
-        .collect();
-    assert_layout_has(out, &digests);
-}
 
 /// regcache in front of `registry` with `ttl`, deletes on or off.
 async fn start(registry: &DockerRegistry, ttl: i64, deletes: bool) -> TestApp {
@@ -74,11 +44,11 @@ async fn deferred_entries_are_served_then_collected_at_switch_time_plus_ttl() {
     let registry = DockerRegistry::start().await;
     let image = Image::new("e2e-4249", &[3000, 50_000], "2024-02-03T04:05:06Z");
     let work = tempfile::tempdir().unwrap();
-    seed(&registry, work.path(), "test/app", &image).await;
+    push_image(&registry, work.path(), "test/app", &image).await;
     let mut app = start(&registry, TTL, false).await;
     let dir = app.data_dir();
 
-    skopeo_pull(&app, "test/app", &image, &work.path().join("first")).await;
+    skopeo_pull(&app.base, "test/app", &image, &work.path().join("first")).await;
     assert_eq!(blob_files(&dir).len(), 3, "config and two layers stored");
 
     wait_until_async("every entry is deferred", DEADLINE, || async {
@@ -91,7 +61,7 @@ async fn deferred_entries_are_served_then_collected_at_switch_time_plus_ttl() {
     // Deferred content is still served, with the upstream gone.
     drop(registry);
     let used_at = now_secs();
-    skopeo_pull(&app, "test/app", &image, &work.path().join("offline")).await;
+    skopeo_pull(&app.base, "test/app", &image, &work.path().join("offline")).await;
     // That pull is a use: at the next flush it un-defers what it used, which then
     // expires (and is deferred) again. Wait for both, so every entry is deferred at the
     // switch.
@@ -160,18 +130,18 @@ async fn a_shared_layer_outlives_one_repositorys_expiry() {
     let shared = b.layers[0].digest.clone();
     assert_eq!(a.layers[0].digest, shared);
     let work = tempfile::tempdir().unwrap();
-    seed(&registry, work.path(), "team/a", &a).await;
-    seed(&registry, work.path(), "team/b", &b).await;
+    push_image(&registry, work.path(), "team/a", &a).await;
+    push_image(&registry, work.path(), "team/b", &b).await;
     let app = start(&registry, SHARED_TTL, true).await;
     let dir = app.data_dir();
 
-    skopeo_pull(&app, "team/a", &a, &work.path().join("a")).await;
+    skopeo_pull(&app.base, "team/a", &a, &work.path().join("a")).await;
     let pulled_a = now_secs();
     wait_until_async("the gap after A's pull", DEADLINE, || async {
         now_secs() >= pulled_a + GAP
     })
     .await;
-    skopeo_pull(&app, "team/b", &b, &work.path().join("b")).await;
+    skopeo_pull(&app.base, "team/b", &b, &work.path().join("b")).await;
     assert_eq!(blob_files(&dir).len(), 4, "A's config and layers, B's config");
 
     let rows = |digest: &str, table: &str| {
@@ -192,7 +162,7 @@ async fn a_shared_layer_outlives_one_repositorys_expiry() {
     assert_eq!(rows(&shared, "pending_deletes"), 0, "shared layer never queued");
 
     drop(registry);
-    skopeo_pull(&app, "team/b", &b, &work.path().join("b-offline")).await;
+    skopeo_pull(&app.base, "team/b", &b, &work.path().join("b-offline")).await;
 
     wait_until_async("B expires and the store is empty", DEADLINE, || async {
         leftovers(&dir).is_empty()
@@ -238,11 +208,11 @@ async fn two_images_cached(
     ];
     let work = tempfile::tempdir().unwrap();
     for (repo, image) in &images {
-        seed(&registry, work.path(), repo, image).await;
+        push_image(&registry, work.path(), repo, image).await;
     }
     let app = start(&registry, ttl, true).await;
     for (repo, image) in &images {
-        skopeo_pull(&app, repo, image, &work.path().join(repo.replace('/', "-"))).await;
+        skopeo_pull(&app.base, repo, image, &work.path().join(repo.replace('/', "-"))).await;
     }
     (registry, work, images, app)
 }
@@ -309,7 +279,7 @@ async fn ttl_t_to_zero_clears_due_times_and_collects_nothing() {
     drop(registry);
     for (repo, image) in &images {
         skopeo_pull(
-            &app,
+            &app.base,
             repo,
             image,
             &work.path().join(format!("offline-{}", repo.replace('/', "-"))),
@@ -331,8 +301,8 @@ async fn blobs_pulled_again_while_their_deletes_are_pending_are_rescued() {
     let a = Image::new("e2e-rescue-a", &[30_000, 40_000], "2024-05-01T00:00:00Z");
     let b = Image::new("e2e-rescue-b", &[20_000], "2024-05-02T00:00:00Z");
     let work = tempfile::tempdir().unwrap();
-    seed(&registry, work.path(), "team/a", &a).await;
-    seed(&registry, work.path(), "team/b", &b).await;
+    push_image(&registry, work.path(), "team/a", &a).await;
+    push_image(&registry, work.path(), "team/b", &b).await;
     let data = tempfile::tempdir().unwrap();
     let mut config = config_for(&[("cncf", &registry.url())], data.path());
     config.proxy.ttl = CfgDuration::from_secs(TTL as u64);
@@ -341,8 +311,8 @@ async fn blobs_pulled_again_while_their_deletes_are_pending_are_rescued() {
     let store = FailingStore::on_dir(&config.server.data_dir.join("store"));
     let mut app = TestApp::start_with_store(config, store.as_dyn(), Some(data)).await;
     let dir = app.data_dir();
-    skopeo_pull(&app, "team/a", &a, &work.path().join("a")).await;
-    skopeo_pull(&app, "team/b", &b, &work.path().join("b")).await;
+    skopeo_pull(&app.base, "team/a", &a, &work.path().join("a")).await;
+    skopeo_pull(&app.base, "team/b", &b, &work.path().join("b")).await;
     store.fail_deletes_forever();
     let inodes = |image: &Image| -> Vec<u64> {
         image
@@ -383,7 +353,7 @@ async fn blobs_pulled_again_while_their_deletes_are_pending_are_rescued() {
     })
     .await;
 
-    skopeo_pull(&app, "team/a", &a, &work.path().join("a-again")).await;
+    skopeo_pull(&app.base, "team/a", &a, &work.path().join("a-again")).await;
     let pending = |image: &Image| -> i64 {
         image
             .blobs()

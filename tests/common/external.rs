@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use super::images::{assert_layout_has, Image};
+
 /// How long a server may take to answer its first request. moto needs 1–3 s to import.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
 /// Attempts at starting a server when the free port was taken in the meantime.
@@ -330,6 +332,38 @@ pub async fn skopeo_copy(src: &str, dst: &str, extra: &[&str]) -> Result<Output,
     args.push(src);
     args.push(dst);
     skopeo(&args).await
+}
+
+/// Pushes `image` to `registry` as `repo:v1` with skopeo, from an OCI layout written under
+/// `work/seed/`.
+pub async fn push_image(registry: &DockerRegistry, work: &Path, repo: &str, image: &Image) {
+    let layout = work.join("seed").join(repo);
+    image.write_oci_layout(&layout, "v1");
+    skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{}/{repo}:v1", registry.host_port()),
+        &[],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("seeding {repo}: {e}"));
+}
+
+/// Pulls `repo:v1` from the registry at `base` (`http://HOST:PORT`) with skopeo into a
+/// fresh OCI layout `out`, and checks that the manifest, config and layers in it hash to
+/// their digests.
+pub async fn skopeo_pull(base: &str, repo: &str, image: &Image, out: &Path) {
+    let host = base.trim_start_matches("http://");
+    skopeo_copy(
+        &format!("docker://{host}/{repo}:v1"),
+        &format!("oci:{}:v1", out.display()),
+        &[],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("pulling {repo} from {host}: {e}"));
+    let digests: Vec<&str> = std::iter::once(image.manifest.digest.as_str())
+        .chain(image.blobs().map(|b| b.digest.as_str()))
+        .collect();
+    assert_layout_has(out, &digests);
 }
 
 /// Runs skopeo with `args` under `SKOPEO_TIMEOUT`; `Err` unless it exits 0.
