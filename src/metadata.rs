@@ -18,6 +18,7 @@ mod repos;
 mod settings;
 mod status;
 mod tags;
+mod uploads;
 
 pub use admin::{RepoDetail, RepoSummary, TagSummary};
 pub use blobs::BlobAccess;
@@ -32,6 +33,7 @@ pub use repos::{RepoKey, Use};
 pub use settings::{AppliedSettings, SettingsChange};
 pub use status::{CountBytes, FailingDelete, Status};
 pub use tags::{ReferrersRecord, TagRecord};
+pub use uploads::StaleUpload;
 
 /// Errors of the metadata layer.
 #[derive(Debug, thiserror::Error)]

@@ -58,7 +58,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
 /// store that fails on command).
 pub async fn start_with_store(
     config: Config,
-    store: Option<Arc<dyn object_store::ObjectStore>>,
+    store: Option<crate::storage::BlobStore>,
 ) -> Result<RunningServer, ServerError> {
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
@@ -70,7 +70,7 @@ pub async fn start_with_store(
         .await
         .map_err(|e| ServerError::Task(e.to_string()))??;
     let store = match store {
-        Some(s) => crate::storage::BlobStore::new(s, String::new(), None, false),
+        Some(s) => s,
         None => crate::storage::build(&config.storage, &data_dir)?,
     };
     let upstreams = Upstreams::from_config(&config)?;

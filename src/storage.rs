@@ -11,8 +11,10 @@ mod write;
 pub use backends::build;
 pub use list::StoredObject;
 pub use read::BlobBody;
+pub use write::OpenUpload;
 
 use crate::oci::Digest;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path as ObjectPath;
 use object_store::ObjectStore;
 use std::path::PathBuf;
@@ -46,6 +48,18 @@ pub struct BlobStore {
     local_root: Option<PathBuf>,
     fsync: bool,
     description: String,
+    /// The same store's multipart API (S3, GCS): large blobs are uploaded in parts under
+    /// an upload id the caller records first, so a crash cannot leave one open unseen.
+    multipart: Option<Multipart>,
+}
+
+#[derive(Clone)]
+struct Multipart(Arc<dyn MultipartStore>);
+
+impl std::fmt::Debug for Multipart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MultipartStore")
+    }
 }
 
 impl BlobStore {
@@ -65,7 +79,15 @@ impl BlobStore {
             local_root,
             fsync,
             description,
+            multipart: None,
         }
+    }
+
+    /// Uploads blobs larger than a part through `multipart`, which must be the same store
+    /// as the one given to `new`. Without it every blob is written with one put.
+    pub fn with_multipart(mut self, multipart: Arc<dyn MultipartStore>) -> Self {
+        self.multipart = Some(Multipart(multipart));
+        self
     }
 
     /// What backs this store, for logs and `check-config`.

@@ -9,8 +9,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::app::{config_for, ok_bytes, TestApp};
-use common::binary::run_ok_async;
-use common::external::{MotoS3, MOTO_ACCESS_KEY, MOTO_REGION, MOTO_SECRET_KEY};
+use common::binary::{run_ok_async, Regcache};
+use common::data_dir::{count, db};
+use common::external::{
+    push_image, skopeo_copy, skopeo_pull, DockerRegistry, MotoS3, MOTO_ACCESS_KEY, MOTO_REGION,
+    MOTO_SECRET_KEY,
+};
 use common::failing_store::{FailingStore, INJECTED};
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::{sha256_digest, Image};
@@ -488,10 +492,10 @@ async fn a_failed_multipart_write_on_s3_is_aborted_not_left_open() {
         .with_secret_access_key(MOTO_SECRET_KEY)
         .build()
         .expect("S3 client for moto");
-    let store = FailingStore::new(std::sync::Arc::new(s3));
+    let store = FailingStore::with_multipart(std::sync::Arc::new(s3));
     let dir = tempfile::tempdir().expect("temp dir");
     let config = config_for(&[("fixture", &upstream.url())], &dir.path().join("data"));
-    let app = TestApp::start_with_store(config, store.as_dyn(), Some(dir)).await;
+    let app = TestApp::start_with_blob_store(config, store.blob_store(), Some(dir)).await;
     let layer = &image.layers[0];
     let path = format!("/v2/team/app/blobs/{}", layer.digest);
 
@@ -533,4 +537,86 @@ async fn a_failed_multipart_write_on_s3_is_aborted_not_left_open() {
         bucket_keys(&moto).await.expect("listing"),
         BTreeSet::from([blob_key(&layer.digest).to_string()])
     );
+}
+
+/// Layer of the image whose upload to S3 is cut by a SIGKILL: five 8 MiB parts.
+const CRASH_LAYER: usize = 40 << 20;
+
+/// A SIGKILL while a large blob is uploaded to S3 in parts (real parts: docker-registry as
+/// the upstream, skopeo pulling through the regcache binary, moto as S3). The upload was
+/// recorded before its first part, so after the restart reconciliation aborts it: no part
+/// stays in the bucket (I2). The image then pulls, and bucket and rows agree.
+#[tokio::test]
+async fn a_multipart_upload_cut_by_sigkill_is_aborted_after_the_restart() {
+    let moto = MotoS3::start("regcache-crash-uploads").await;
+    let registry = DockerRegistry::start().await;
+    let image = Image::new("crash-upload", &[CRASH_LAYER], "2024-02-07T00:00:00Z");
+    let dir = tempfile::tempdir().expect("temp dir");
+    push_image(&registry, dir.path(), "team/big", &image).await;
+    let data_dir = dir.path().join("data");
+    let config = |port: u16| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n\
+             [storage]\nbackend = \"s3\"\n\
+             [storage.s3]\nbucket = \"{}\"\nregion = \"{MOTO_REGION}\"\nendpoint = \"{}\"\n\
+             allow_http = true\naccess_key_id = \"{MOTO_ACCESS_KEY}\"\nsecret_access_key = \"{MOTO_SECRET_KEY}\"\n\
+             [log]\nformat = \"json\"\n\
+             [[upstream]]\nname = \"cncf\"\nurl = \"{}\"\ndefault = true\n",
+            data_dir.display(),
+            moto.bucket(),
+            moto.endpoint(),
+            registry.url()
+        )
+    };
+    let mut server = Regcache::start(dir.path(), "first", config).await;
+    let pulling = tokio::spawn({
+        let (base, out) = (server.base.clone(), dir.path().join("cut"));
+        async move {
+            let src = format!("docker://{}/team/big:v1", base.trim_start_matches("http://"));
+            skopeo_copy(&src, &format!("oci:{}:v1", out.display()), &[]).await
+        }
+    });
+    let deadline = Instant::now() + DEADLINE;
+    while open_uploads(&moto).await == 0 {
+        assert!(Instant::now() < deadline, "no multipart upload was seen open");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    server.sigkill();
+    assert!(
+        pulling.await.expect("skopeo task").is_err(),
+        "skopeo finished although the server died mid-upload"
+    );
+    assert_eq!(open_uploads(&moto).await, 1, "the crash left the upload open");
+    assert_eq!(
+        count(
+            &data_dir,
+            "SELECT count(*) FROM write_intents WHERE upload_id IS NOT NULL"
+        ),
+        1,
+        "the open upload is on record"
+    );
+
+    let server = Regcache::start(dir.path(), "again", config).await;
+    wait_until_async(
+        "reconciliation aborted the upload the crash left open",
+        DEADLINE,
+        || async {
+            open_uploads(&moto).await == 0 && count(&data_dir, "SELECT count(*) FROM stale_uploads") == 0
+        },
+    )
+    .await;
+    skopeo_pull(&server.base, "team/big", &image, &dir.path().join("after")).await;
+    let rows: BTreeSet<String> = {
+        let conn = db(&data_dir);
+        let mut stmt = conn.prepare("SELECT digest FROM blobs").expect("prepare");
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).expect("query");
+        rows.map(|d| blob_key(&d.expect("digest")).to_string()).collect()
+    };
+    assert_eq!(
+        bucket_keys(&moto).await.expect("listing"),
+        rows,
+        "bucket and rows agree"
+    );
+    assert_eq!(rows.len(), 2, "config and layer");
+    assert_eq!(open_uploads(&moto).await, 0);
 }

@@ -165,7 +165,15 @@ impl Cache {
             return Ok((file, written));
         };
         let committed = async {
-            self.store.put_file(digest, tmp, written).await?;
+            // A multipart upload is on record before its first part is sent (I2).
+            let upload = self.store.open_upload(digest, written).await?;
+            if let Some(u) = &upload {
+                if let Err(e) = self.meta.record_upload(intent, u.clone()).await {
+                    let _ = self.store.abort_upload(u).await;
+                    return Err(e.into());
+                }
+            }
+            self.store.put_file(digest, tmp, written, upload.as_ref()).await?;
             Ok::<_, CacheError>(
                 self.meta
                     .commit_blob(&t.key, &d, written, intent, now_secs())

@@ -185,6 +185,18 @@ fn print_report(r: &ReconcileReport, deleted: u64, failed: u64) {
         r.temp_files_removed,
         verb("removed")
     );
+    if r.stale_uploads > 0 {
+        println!(
+            "open multipart uploads   {}; {} {}",
+            r.stale_uploads,
+            if r.dry_run {
+                r.stale_uploads
+            } else {
+                r.uploads_aborted
+            },
+            verb("aborted")
+        );
+    }
     if r.blobs_verified > 0 || r.blobs_corrupt > 0 {
         println!(
             "verified blobs           {}; {} corrupt, {} {}",

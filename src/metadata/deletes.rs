@@ -2,7 +2,8 @@
 //! finished only once storage confirmed the object gone, and retried with backoff computed
 //! in SQL. Write intents keep a delete and a write of the same digest apart.
 
-use super::{Metadata, MetadataError};
+use super::uploads::keep_stale_uploads;
+use super::{now_secs, Metadata, MetadataError};
 use rusqlite::{params, OptionalExtension, Transaction};
 
 /// How long a claim on pending deletes lasts before a sweeper may take it back.
@@ -123,18 +124,22 @@ impl Metadata {
         .await
     }
 
-    /// Withdraws a write intent whose write did not happen.
+    /// Withdraws a write intent whose write did not happen; its multipart upload, if it
+    /// had one, is kept for reconciliation to abort.
     pub async fn abandon_write(&self, intent: i64) -> Result<(), MetadataError> {
         self.write(move |tx| {
+            keep_stale_uploads(tx, Some(intent), now_secs())?;
             tx.execute("DELETE FROM write_intents WHERE id = ?1", [intent])?;
             Ok(())
         })
         .await
     }
 
-    /// Start-up: no write survives a restart, and claims of a dead process lapse now.
+    /// Start-up: no write survives a restart (the multipart uploads of dead writes are
+    /// kept for reconciliation to abort), and claims of a dead process lapse now.
     pub async fn reset_after_restart(&self) -> Result<u64, MetadataError> {
         self.write(|tx| {
+            keep_stale_uploads(tx, None, now_secs())?;
             tx.execute("DELETE FROM write_intents", [])?;
             Ok(tx.execute(
                 "UPDATE pending_deletes SET state = 'pending', lease_until = NULL WHERE state = 'deleting'",

@@ -23,6 +23,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "0005_expiry_locality.sql",
         include_str!("../../schema/0005_expiry_locality.sql"),
     ),
+    (
+        6,
+        "0006_open_uploads.sql",
+        include_str!("../../schema/0006_open_uploads.sql"),
+    ),
 ];
 
 /// Brings the database up to the newest schema; a database newer than this build is an
@@ -190,7 +195,7 @@ mod tests {
         let mut conn = version_4_with_an_image();
         let before = rows(&conn);
         assert_eq!(before.len(), 10);
-        assert_eq!(migrate(&mut conn).unwrap(), 1);
+        assert_eq!(migrate_to(&mut conn, 5).unwrap(), 1);
         assert_eq!(rows(&conn), before);
         for table in ["blobs", "manifests", "pending_deletes"] {
             assert!(keyed_by_digest_alone(&conn, table), "{table}");

@@ -6,7 +6,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
-use object_store::{ClientOptions, ObjectStore, RetryConfig};
+use object_store::{ClientOptions, RetryConfig};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,16 +76,16 @@ pub fn build(config: &StorageConfig, data_dir: &Path) -> Result<BlobStore, Stora
             if let Some(secret) = &s3.secret_access_key {
                 b = b.with_secret_access_key(secret.expose());
             }
-            let store: Arc<dyn ObjectStore> = Arc::new(b.build().map_err(cfg_err)?);
-            Ok(BlobStore::new(store, s3.prefix.clone(), None, false))
+            let store = Arc::new(b.build().map_err(cfg_err)?);
+            Ok(BlobStore::new(store.clone(), s3.prefix.clone(), None, false).with_multipart(store))
         }
         Backend::Gcs => {
             let gcs = config
                 .gcs
                 .as_ref()
                 .ok_or_else(|| StorageError::Config("storage.gcs is missing".into()))?;
-            let store: Arc<dyn ObjectStore> = Arc::new(gcs_builder(gcs).build().map_err(cfg_err)?);
-            Ok(BlobStore::new(store, gcs.prefix.clone(), None, false))
+            let store = Arc::new(gcs_builder(gcs).build().map_err(cfg_err)?);
+            Ok(BlobStore::new(store.clone(), gcs.prefix.clone(), None, false).with_multipart(store))
         }
     }
 }

@@ -118,7 +118,7 @@ mod tests {
         let present = Digest::of(b"present");
         let tmp = dir.path().join("t");
         std::fs::write(&tmp, b"present").unwrap();
-        store.put_file(&present, &tmp, 7).await.unwrap();
+        store.put_file(&present, &tmp, 7, None).await.unwrap();
         let missing = Digest::of(b"missing");
         let (done, failed) = store.delete_many(&[present.clone(), missing.clone()]).await;
         assert!(failed.is_empty(), "{failed:?}");

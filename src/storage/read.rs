@@ -179,7 +179,10 @@ mod tests {
         let digest = Digest::of(&data);
         let tmp = dir.path().join("upload.tmp");
         std::fs::write(&tmp, &data).unwrap();
-        store.put_file(&digest, &tmp, data.len() as u64).await.unwrap();
+        store
+            .put_file(&digest, &tmp, data.len() as u64, None)
+            .await
+            .unwrap();
         let all: Vec<u8> = collect(store.open(&digest, None).await.unwrap()).await;
         assert_eq!(all, data);
         let part: Vec<u8> = collect(store.open(&digest, Some(10..20)).await.unwrap()).await;

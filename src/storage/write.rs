@@ -1,8 +1,14 @@
-//! Committing a verified temporary file under its final key.
+//! Committing a verified temporary file under its final key: a rename on the filesystem,
+//! one put for small blobs, and for large ones on S3 and GCS a multipart upload whose id
+//! the caller records before any part is sent (I2: an upload a crash leaves open is
+//! found in SQLite and aborted, rather than kept and billed unseen).
 
 use super::{BlobStore, StorageError};
 use crate::oci::Digest;
-use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
+use futures::stream::{FuturesOrdered, StreamExt};
+use object_store::multipart::MultipartStore;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStoreExt, PutPayload};
 use std::path::Path;
 use tokio::io::AsyncReadExt;
 
@@ -11,76 +17,144 @@ const PART_BYTES: usize = 8 * 1024 * 1024;
 /// Parts uploaded at once; bounds memory to about this many parts.
 const PARTS_IN_FLIGHT: usize = 2;
 
+/// A multipart upload opened for one blob, to be recorded before its parts are sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenUpload {
+    pub key: String,
+    pub id: String,
+}
+
 impl BlobStore {
-    /// Moves the verified file at `tmp` under the key of `digest`. The filesystem backend
-    /// renames it (atomic, no copy); others upload it and leave `tmp` for the caller.
-    /// Content-addressed keys make a second commit of the same digest harmless.
-    pub async fn put_file(&self, digest: &Digest, tmp: &Path, size: u64) -> Result<(), StorageError> {
-        let key = self.key(digest);
-        let io = |path: &Path| {
-            let path = path.display().to_string();
-            move |source| StorageError::Io { path, source }
+    /// Opens a multipart upload for `digest` when [`BlobStore::put_file`] will send `size`
+    /// bytes in parts (S3 and GCS, blobs over one part); `None` when it will not.
+    pub async fn open_upload(&self, digest: &Digest, size: u64) -> Result<Option<OpenUpload>, StorageError> {
+        let Some(mp) = &self.multipart else {
+            return Ok(None);
         };
+        if self.local_root.is_some() || size <= PART_BYTES as u64 {
+            return Ok(None);
+        }
+        let key = self.key(digest);
+        let id = mp.0.create_multipart(&key).await?;
+        Ok(Some(OpenUpload {
+            key: key.to_string(),
+            id,
+        }))
+    }
+
+    /// Aborts an upload left open by a crash or a failed write; one the store no longer
+    /// knows (aborted or completed already) counts as aborted.
+    pub async fn abort_upload(&self, upload: &OpenUpload) -> Result<(), StorageError> {
+        let Some(mp) = &self.multipart else {
+            return Ok(());
+        };
+        let key = ObjectPath::from(upload.key.as_str());
+        match mp.0.abort_multipart(&key, &upload.id).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Moves the verified file at `tmp` under the key of `digest`. The filesystem backend
+    /// renames it (atomic, no copy); others upload it (in the parts of `upload` when
+    /// given) and leave `tmp` for the caller. Content-addressed keys make a second commit
+    /// of the same digest harmless.
+    pub async fn put_file(
+        &self,
+        digest: &Digest,
+        tmp: &Path,
+        size: u64,
+        upload: Option<&OpenUpload>,
+    ) -> Result<(), StorageError> {
+        let key = self.key(digest);
         if let Some(dest) = self.local_path(&key) {
-            let (tmp, fsync) = (tmp.to_owned(), self.fsync);
-            return tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
-                if fsync {
-                    std::fs::File::open(&tmp)
-                        .and_then(|f| f.sync_all())
-                        .map_err(io(&tmp))?;
-                }
-                if let Some(parent) = dest.parent() {
-                    std::fs::create_dir_all(parent).map_err(io(parent))?;
-                }
-                std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
-                if fsync {
-                    if let Some(parent) = dest.parent() {
-                        std::fs::File::open(parent)
-                            .and_then(|f| f.sync_all())
-                            .map_err(io(parent))?;
-                    }
-                }
-                Ok(())
-            })
-            .await
-            .map_err(|e| StorageError::Io {
-                path: "blocking commit task".into(),
-                source: std::io::Error::other(e),
-            })?;
+            return rename_into_place(tmp, dest, self.fsync).await;
         }
         let mut file = tokio::fs::File::open(tmp).await.map_err(io(tmp))?;
-        if size <= PART_BYTES as u64 {
-            let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-            file.read_to_end(&mut buf).await.map_err(io(tmp))?;
-            self.store.put(&key, PutPayload::from(buf)).await?;
-            return Ok(());
+        if let (Some(upload), Some(mp)) = (upload, &self.multipart) {
+            return put_parts(mp.0.as_ref(), upload, &mut file, tmp).await;
         }
-        let upload = self.store.put_multipart(&key).await?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
-        let mut buf = vec![0u8; PART_BYTES];
-        let sent = async {
-            loop {
-                let n = read_full(&mut file, &mut buf).await.map_err(io(tmp))?;
-                if n == 0 {
-                    return Ok(());
-                }
-                writer.wait_for_capacity(PARTS_IN_FLIGHT).await?;
-                writer.write(&buf[..n]);
-            }
-        }
-        .await;
-        if let Err(e) = sent {
-            // Dropped, the upload would stay open on S3 and GCS, its parts kept (and
-            // billed) with no key for reconciliation to find (I2). `finish` aborts on its
-            // own failures; these are ours.
-            if let Err(abort) = writer.abort().await {
-                tracing::warn!(object.key = %key, error = %abort, "could not abort a failed multipart upload");
-            }
-            return Err(e);
-        }
-        writer.finish().await?;
+        let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        file.read_to_end(&mut buf).await.map_err(io(tmp))?;
+        self.store.put(&key, PutPayload::from(buf)).await?;
         Ok(())
     }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError {
+    let path = path.display().to_string();
+    move |source| StorageError::Io { path, source }
+}
+
+async fn rename_into_place(tmp: &Path, dest: std::path::PathBuf, fsync: bool) -> Result<(), StorageError> {
+    let tmp = tmp.to_owned();
+    tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
+        if fsync {
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&tmp))?;
+        }
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+        if fsync {
+            if let Some(parent) = dest.parent() {
+                std::fs::File::open(parent)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io(parent))?;
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| StorageError::Io {
+        path: "blocking commit task".into(),
+        source: std::io::Error::other(e),
+    })?
+}
+
+/// Sends `file` in the parts of `upload`, `PARTS_IN_FLIGHT` at a time, and completes it;
+/// on any failure the upload is aborted (a failed abort leaves it to the caller's record).
+async fn put_parts(
+    mp: &dyn MultipartStore,
+    upload: &OpenUpload,
+    file: &mut tokio::fs::File,
+    tmp: &Path,
+) -> Result<(), StorageError> {
+    let key = ObjectPath::from(upload.key.as_str());
+    let sent = async {
+        let mut parts = Vec::new();
+        let mut in_flight = FuturesOrdered::new();
+        loop {
+            let mut buf = vec![0u8; PART_BYTES];
+            let n = read_full(file, &mut buf).await.map_err(io(tmp))?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            let index = parts.len() + in_flight.len();
+            in_flight.push_back(mp.put_part(&key, &upload.id, index, PutPayload::from(buf)));
+            if in_flight.len() >= PARTS_IN_FLIGHT {
+                if let Some(part) = in_flight.next().await {
+                    parts.push(part?);
+                }
+            }
+        }
+        while let Some(part) = in_flight.next().await {
+            parts.push(part?);
+        }
+        mp.complete_multipart(&key, &upload.id, parts).await?;
+        Ok::<_, StorageError>(())
+    }
+    .await;
+    if let Err(e) = sent {
+        if let Err(abort) = mp.abort_multipart(&key, &upload.id).await {
+            tracing::warn!(object.key = %key, error = %abort, "could not abort a failed multipart upload; reconciliation retries");
+        }
+        return Err(e);
+    }
+    Ok(())
 }
 
 async fn read_full(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -3,6 +3,7 @@
 
 use regcache::config::{self, Config, Duration as CfgDuration, UpstreamConfig};
 use regcache::server::RunningServer;
+use regcache::storage::BlobStore;
 use reqwest::header::ACCEPT;
 use std::path::{Path, PathBuf};
 
@@ -58,11 +59,7 @@ impl TestApp {
     }
 
     /// Starts the server, with blobs in `store` when given instead of the configured backend.
-    async fn launch(
-        config: Config,
-        store: Option<std::sync::Arc<dyn object_store::ObjectStore>>,
-        dir: Option<tempfile::TempDir>,
-    ) -> TestApp {
+    async fn launch(config: Config, store: Option<BlobStore>, dir: Option<tempfile::TempDir>) -> TestApp {
         init_logging();
         let server = regcache::server::start_with_store(config.clone(), store)
             .await
@@ -87,11 +84,7 @@ impl TestApp {
     }
 
     /// Stops the server gracefully and starts it again on the same data dir.
-    async fn relaunch(
-        &mut self,
-        store: Option<std::sync::Arc<dyn object_store::ObjectStore>>,
-        tweak: impl FnOnce(&mut Config),
-    ) {
+    async fn relaunch(&mut self, store: Option<BlobStore>, tweak: impl FnOnce(&mut Config)) {
         self.stop().await;
         tweak(&mut self.config);
         let server = regcache::server::start_with_store(self.config.clone(), store)
@@ -241,6 +234,16 @@ impl TestApp {
         store: std::sync::Arc<dyn object_store::ObjectStore>,
         dir: Option<tempfile::TempDir>,
     ) -> TestApp {
+        Self::launch(config, Some(blob_store(store)), dir).await
+    }
+
+    /// `start_with_store` with the store's multipart API too (`BlobStore::with_multipart`),
+    /// as the S3 and GCS backends have it.
+    pub async fn start_with_blob_store(
+        config: Config,
+        store: BlobStore,
+        dir: Option<tempfile::TempDir>,
+    ) -> TestApp {
         Self::launch(config, Some(store), dir).await
     }
 
@@ -251,6 +254,11 @@ impl TestApp {
         store: std::sync::Arc<dyn object_store::ObjectStore>,
         tweak: impl FnOnce(&mut Config),
     ) {
-        self.relaunch(Some(store), tweak).await;
+        self.relaunch(Some(blob_store(store)), tweak).await;
     }
+}
+
+/// `store` as regcache's blob store: keys at its root, no local paths, no multipart API.
+fn blob_store(store: std::sync::Arc<dyn object_store::ObjectStore>) -> BlobStore {
+    BlobStore::new(store, String::new(), None, false)
 }

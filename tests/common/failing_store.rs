@@ -6,7 +6,8 @@
 //!
 //! Every method delegates to the inner store; the injections apply only to
 //! deletes (`delete_stream`, path by path, which is what `ObjectStoreExt::delete` uses too)
-//! and to writes (`put_opts`, `put_multipart_opts`, and the parts of a multipart upload). Like the fixture upstream, it knows
+//! and to writes (`put_opts`, and through its `MultipartStore` the start and the parts of a
+//! multipart upload). Like the fixture upstream, it knows
 //! nothing of regcache. Controls take `&self` and act at once; the state sits behind a
 //! `std::sync::Mutex` never held across an `.await`.
 //!
@@ -24,10 +25,11 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result, UploadPart,
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartId, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result,
 };
 use tokio::sync::{watch, Notify};
 
@@ -73,6 +75,8 @@ struct State {
 /// See the module documentation.
 pub struct FailingStore {
     inner: Arc<dyn ObjectStore>,
+    /// The inner store's multipart API (S3), for `with_multipart`.
+    inner_multipart: Option<Arc<dyn MultipartStore>>,
     state: Arc<Mutex<State>>,
     release: Arc<Notify>,
     /// `true`: deletes proceed; `false`: each waits here, before it counts as an attempt,
@@ -134,10 +138,42 @@ impl FailingStore {
     pub fn new(inner: Arc<dyn ObjectStore>) -> Arc<FailingStore> {
         Arc::new(FailingStore {
             inner,
+            inner_multipart: None,
             state: Arc::default(),
             release: Arc::new(Notify::new()),
             delete_gate: Arc::new(watch::Sender::new(true)),
         })
+    }
+
+    /// Over a store with a multipart API (`AmazonS3`): regcache then uploads large blobs
+    /// in parts through this store (see `blob_store`).
+    pub fn with_multipart<S: ObjectStore + MultipartStore>(inner: Arc<S>) -> Arc<FailingStore> {
+        Arc::new(FailingStore {
+            inner: inner.clone(),
+            inner_multipart: Some(inner),
+            state: Arc::default(),
+            release: Arc::new(Notify::new()),
+            delete_gate: Arc::new(watch::Sender::new(true)),
+        })
+    }
+
+    /// This store as regcache's blob store, with the multipart API when the inner store
+    /// has one.
+    pub fn blob_store(self: &Arc<Self>) -> regcache::storage::BlobStore {
+        let store = regcache::storage::BlobStore::new(self.as_dyn(), String::new(), None, false);
+        match self.inner_multipart {
+            Some(_) => store.with_multipart(self.clone()),
+            None => store,
+        }
+    }
+
+    fn multipart_inner(&self) -> Result<&Arc<dyn MultipartStore>> {
+        self.inner_multipart
+            .as_ref()
+            .ok_or_else(|| object_store::Error::Generic {
+                store: "FailingStore",
+                source: "the inner store has no multipart API (use with_multipart)".into(),
+            })
     }
 
     /// Over a directory (created if missing), through `LocalFileSystem`.
@@ -344,17 +380,7 @@ impl ObjectStore for FailingStore {
         'life1: 'async_trait,
         Self: 'async_trait,
     {
-        Box::pin(async move {
-            self.on_put(location)?;
-            let inner = self.inner.put_multipart_opts(location, opts).await?;
-            self.lock().multipart[0] += 1;
-            let upload: Box<dyn MultipartUpload> = Box::new(FailingUpload {
-                inner,
-                path: location.clone(),
-                state: self.state.clone(),
-            });
-            Ok(upload)
-        })
+        self.inner.put_multipart_opts(location, opts)
     }
 
     fn get_opts<'life0, 'life1, 'async_trait>(
@@ -467,44 +493,84 @@ impl ObjectStore for FailingStore {
     }
 }
 
-/// A multipart upload of the inner store whose parts fail on command, and which counts
-/// completions and aborts.
-#[derive(Debug)]
-struct FailingUpload {
-    inner: Box<dyn MultipartUpload>,
-    path: Path,
-    state: Arc<Mutex<State>>,
-}
-
-impl MultipartUpload for FailingUpload {
-    fn put_part(&mut self, data: PutPayload) -> UploadPart {
-        if lock(&self.state).fail_parts {
-            let error = injected("part upload", &self.path);
-            return Box::pin(async move { Err(error) });
-        }
-        self.inner.put_part(data)
-    }
-
-    fn complete<'life0, 'async_trait>(&'life0 mut self) -> BoxFut<'async_trait, Result<PutResult>>
+/// The inner store's multipart API, when it has one: starting an upload is a write
+/// (`fail_puts` applies), parts fail on command (`fail_parts`), and uploads started,
+/// completed and aborted are counted.
+impl MultipartStore for FailingStore {
+    fn create_multipart<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        path: &'life1 Path,
+    ) -> BoxFut<'async_trait, Result<MultipartId>>
     where
         'life0: 'async_trait,
+        'life1: 'async_trait,
         Self: 'async_trait,
     {
         Box::pin(async move {
-            let result = self.inner.complete().await?;
-            lock(&self.state).multipart[1] += 1;
+            self.on_put(path)?;
+            let id = self.multipart_inner()?.create_multipart(path).await?;
+            self.lock().multipart[0] += 1;
+            Ok(id)
+        })
+    }
+
+    fn put_part<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        path: &'life1 Path,
+        id: &'life2 MultipartId,
+        part_idx: usize,
+        data: PutPayload,
+    ) -> BoxFut<'async_trait, Result<PartId>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            if self.lock().fail_parts {
+                return Err(injected("part upload", path));
+            }
+            self.multipart_inner()?.put_part(path, id, part_idx, data).await
+        })
+    }
+
+    fn complete_multipart<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        path: &'life1 Path,
+        id: &'life2 MultipartId,
+        parts: Vec<PartId>,
+    ) -> BoxFut<'async_trait, Result<PutResult>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let result = self
+                .multipart_inner()?
+                .complete_multipart(path, id, parts)
+                .await?;
+            self.lock().multipart[1] += 1;
             Ok(result)
         })
     }
 
-    fn abort<'life0, 'async_trait>(&'life0 mut self) -> BoxFut<'async_trait, Result<()>>
+    fn abort_multipart<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        path: &'life1 Path,
+        id: &'life2 MultipartId,
+    ) -> BoxFut<'async_trait, Result<()>>
     where
         'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
         Self: 'async_trait,
     {
         Box::pin(async move {
-            lock(&self.state).multipart[2] += 1;
-            self.inner.abort().await
+            self.lock().multipart[2] += 1;
+            self.multipart_inner()?.abort_multipart(path, id).await
         })
     }
 }
