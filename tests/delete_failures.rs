@@ -587,13 +587,11 @@ async fn a_multipart_upload_cut_by_sigkill_is_aborted_after_the_restart() {
         "skopeo finished although the server died mid-upload"
     );
     assert_eq!(open_uploads(&moto).await, 1, "the crash left the upload open");
+    let config_file = dir.path().join("regcache.toml");
+    let status = status_json(&config_file.display().to_string()).await;
     assert_eq!(
-        count(
-            &data_dir,
-            "SELECT count(*) FROM write_intents WHERE upload_id IS NOT NULL"
-        ),
-        1,
-        "the open upload is on record"
+        status["open_uploads"], 1,
+        "the open upload is on record: {status:#}"
     );
 
     let server = Regcache::start(dir.path(), "again", config).await;
@@ -619,4 +617,6 @@ async fn a_multipart_upload_cut_by_sigkill_is_aborted_after_the_restart() {
     );
     assert_eq!(rows.len(), 2, "config and layer");
     assert_eq!(open_uploads(&moto).await, 0);
+    let status = status_json(&config_file.display().to_string()).await;
+    assert_eq!(status["open_uploads"], 0, "{status:#}");
 }

@@ -59,6 +59,7 @@ pub(super) async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         ),
         None => println!("oldest failing delete  none"),
     }
+    println!("open uploads        {}", s.open_uploads);
     println!(
         "applied settings    storage.delete.enabled = {}",
         s.delete_enabled

@@ -1,5 +1,5 @@
 //! What `regcache status` prints: counts and bytes of everything cached, the deletion
-//! queue, the oldest failing delete and the applied settings.
+//! queue, the oldest failing delete, open multipart uploads and the applied settings.
 
 use super::settings::AppliedSettings;
 use super::{Metadata, MetadataError};
@@ -31,6 +31,9 @@ pub struct Status {
     /// Tags and links kept past their expiry because deletes are off.
     pub deferred_entries: u64,
     pub oldest_failing_delete: Option<FailingDelete>,
+    /// Multipart uploads on record: in flight, or left open by a failed write or a crash
+    /// until reconciliation has aborted them.
+    pub open_uploads: u64,
     pub ttls: Vec<(String, i64)>,
     pub delete_enabled: bool,
 }
@@ -86,6 +89,11 @@ impl Metadata {
                         },
                     )
                     .optional()?,
+                open_uploads: count(
+                    c,
+                    "SELECT (SELECT count(*) FROM write_intents WHERE upload_id IS NOT NULL)
+                          + (SELECT count(*) FROM stale_uploads)",
+                )?,
                 ttls,
                 delete_enabled,
             })
