@@ -593,6 +593,18 @@ async fn a_multipart_upload_cut_by_sigkill_is_aborted_after_the_restart() {
         status["open_uploads"], 1,
         "the open upload is on record: {status:#}"
     );
+    let cut = db(&data_dir)
+        .query_row(
+            "SELECT upload_key, upload_id FROM write_intents WHERE upload_id IS NOT NULL",
+            [],
+            |r| {
+                Ok(regcache::storage::OpenUpload {
+                    key: r.get(0)?,
+                    id: r.get(1)?,
+                })
+            },
+        )
+        .expect("the upload's record");
 
     let server = Regcache::start(dir.path(), "again", config).await;
     wait_until_async(
@@ -619,4 +631,14 @@ async fn a_multipart_upload_cut_by_sigkill_is_aborted_after_the_restart() {
     assert_eq!(open_uploads(&moto).await, 0);
     let status = status_json(&config_file.display().to_string()).await;
     assert_eq!(status["open_uploads"], 0, "{status:#}");
+
+    // Aborting it once more (as after a failed write whose own abort went through) finds
+    // an upload S3 no longer knows, which counts as aborted.
+    let mut c = config_for(&[("cncf", &registry.url())], &data_dir);
+    s3_config(&moto, &mut c);
+    let store = regcache::storage::build(&c.storage, &data_dir).expect("S3 store for moto");
+    store
+        .abort_upload(&cut)
+        .await
+        .expect("an upload already aborted counts as aborted");
 }
