@@ -9,6 +9,7 @@ mod expiry;
 pub mod jobs;
 mod policy;
 pub mod reconcile;
+mod uploads;
 
 pub use deletes::run_deletes_once;
 pub use eviction::ActiveBlobs;
@@ -85,6 +86,7 @@ impl Scheduler {
         tasks.spawn(expiry::run(self.clone()));
         tasks.spawn(deletes::run(self.clone()));
         tasks.spawn(reconcile::run(self.clone()));
+        tasks.spawn(uploads::run(self.clone()));
         jobs::spawn(&self, tasks);
         if self.settings.size_bound.is_some() {
             tasks.spawn(eviction::run(self));

@@ -17,8 +17,6 @@ use std::time::Duration;
 const CHECK_BATCH: usize = 500;
 /// Blob rows read per page when looking for missing objects.
 const ROW_PAGE: u32 = 5000;
-/// Stale multipart uploads aborted per pass; the next pass takes the rest.
-const UPLOADS_PER_PASS: u32 = 1000;
 /// Temporary files younger than this are never swept, whatever `reconcile_grace` says:
 /// a live transfer is writing them (start-up empties the directory anyway).
 const TEMP_FILE_MIN_AGE: Duration = Duration::from_secs(3600);
@@ -106,7 +104,8 @@ pub async fn reconcile(
     };
     let now = now_secs();
     let grace = i64::try_from(s.settings.reconcile_grace.as_secs()).unwrap_or(i64::MAX);
-    abort_stale_uploads(s, opts, &mut report).await?;
+    let (stale, aborted) = super::uploads::abort_stale(s, opts.dry_run).await?;
+    (report.stale_uploads, report.uploads_aborted) = (stale, aborted);
     progress.phase("listing storage", None);
     let mut listed = Listed::default();
     let mut batch = Vec::new();
@@ -181,38 +180,6 @@ pub async fn reconcile(
         s.deletes_due.notify_one();
     }
     Ok(report)
-}
-
-/// Aborts the multipart uploads that dead or failed writes left open. They are never a
-/// live write's: those are on write intents until they complete or are abandoned.
-async fn abort_stale_uploads(
-    s: &Scheduler,
-    opts: ReconcileOptions,
-    report: &mut ReconcileReport,
-) -> Result<(), ReconcileError> {
-    for stale in s.meta.stale_uploads(UPLOADS_PER_PASS).await? {
-        report.stale_uploads += 1;
-        if opts.dry_run {
-            continue;
-        }
-        match s.store.abort_upload(&stale.upload).await {
-            Ok(()) => {
-                s.meta.forget_stale_upload(stale.upload).await?;
-                report.uploads_aborted += 1;
-            }
-            Err(e) => {
-                tracing::warn!(
-                    object.key = %stale.upload.key,
-                    upload.id = %stale.upload.id,
-                    attempts = stale.attempts + 1,
-                    error = %e,
-                    "could not abort a stale multipart upload; the next pass retries"
-                );
-                s.meta.stale_upload_failed(stale.upload, e.to_string()).await?;
-            }
-        }
-    }
-    Ok(())
 }
 
 async fn check_objects(
