@@ -576,8 +576,11 @@ async fn a_multipart_upload_cut_by_sigkill_is_aborted_after_the_restart() {
             skopeo_copy(&src, &format!("oci:{}:v1", out.display()), &[]).await
         }
     });
+    // Killed once the upload is open in the bucket and on record in SQLite (a crash
+    // between the two leaves an upload with no parts; ARCHITECTURE.md, Known limits).
+    let recorded = "SELECT count(*) FROM write_intents WHERE upload_id IS NOT NULL";
     let deadline = Instant::now() + DEADLINE;
-    while open_uploads(&moto).await == 0 {
+    while open_uploads(&moto).await == 0 || count(&data_dir, recorded) == 0 {
         assert!(Instant::now() < deadline, "no multipart upload was seen open");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
