@@ -221,6 +221,30 @@ mod tests {
     }
 
     #[test]
+    fn version_6_keeps_write_intents_and_records_no_upload_for_them() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 5).unwrap();
+        conn.execute(
+            "INSERT INTO write_intents (id, digest, expires_at) VALUES (7, 'sha256:w', 50)",
+            [],
+        )
+        .unwrap();
+        assert_eq!(migrate(&mut conn).unwrap(), 1);
+        let intent: (i64, String, Option<String>, Option<String>) = conn
+            .query_row(
+                "SELECT id, digest, upload_key, upload_id FROM write_intents",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!(intent, (7, "sha256:w".to_owned(), None, None));
+        let stale: i64 = conn
+            .query_row("SELECT count(*) FROM stale_uploads", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stale, 0);
+    }
+
+    #[test]
     fn a_migration_that_would_leave_a_dangling_reference_changes_nothing() {
         let mut conn = version_4_with_an_image();
         // A link to a blob that has no row, as an old bug with checks off might have left.
