@@ -10,7 +10,6 @@ use rusqlite::{params, Transaction};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaleUpload {
     pub upload: OpenUpload,
-    pub since: i64,
     pub attempts: i64,
 }
 
@@ -31,7 +30,7 @@ impl Metadata {
     pub async fn stale_uploads(&self, limit: u32) -> Result<Vec<StaleUpload>, MetadataError> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT upload_key, upload_id, since, attempts FROM stale_uploads
+                "SELECT upload_key, upload_id, attempts FROM stale_uploads
                   ORDER BY attempts, since LIMIT ?1",
             )?;
             let rows = stmt.query_map([limit], |r| {
@@ -40,8 +39,7 @@ impl Metadata {
                         key: r.get(0)?,
                         id: r.get(1)?,
                     },
-                    since: r.get(2)?,
-                    attempts: r.get(3)?,
+                    attempts: r.get(2)?,
                 })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
