@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::app::{config_for, ok_bytes, TestApp};
 use common::binary::Regcache;
-use common::data_dir::{blob_path, count, db};
+use common::data_dir::{blob_path, blob_rows, count, db};
 use common::external::{push_image, skopeo_copy, skopeo_pull, DockerRegistry};
 use common::failing_store::FailingStore;
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
@@ -74,13 +74,6 @@ fn ulid_like() -> u128 {
 }
 
 // ----- what is stored and recorded ------------------------------------------------------
-
-fn blob_rows(data_dir: &Path) -> BTreeSet<String> {
-    let db = db(data_dir);
-    let mut stmt = db.prepare("SELECT digest FROM blobs").expect("prepare");
-    let rows = stmt.query_map([], |r| r.get(0)).expect("query blobs");
-    rows.collect::<Result<_, _>>().expect("blob rows")
-}
 
 /// Every file under `store/`, as the digest its key names (`blobs/sha256/<2>/<64>`), or
 /// the bare relative path for anything else (which then matches no row).

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::app::{config_for, ok_bytes, TestApp};
 use common::binary::{run_ok_async, Regcache};
-use common::data_dir::{count, db};
+use common::data_dir::{blob_rows, count, db};
 use common::external::{
     push_image, skopeo_copy, skopeo_pull, DockerRegistry, MotoS3, MOTO_ACCESS_KEY, MOTO_REGION,
     MOTO_SECRET_KEY,
@@ -619,12 +619,10 @@ async fn a_multipart_upload_cut_by_sigkill_is_aborted_after_the_restart() {
     )
     .await;
     skopeo_pull(&server.base, "team/big", &image, &dir.path().join("after")).await;
-    let rows: BTreeSet<String> = {
-        let conn = db(&data_dir);
-        let mut stmt = conn.prepare("SELECT digest FROM blobs").expect("prepare");
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).expect("query");
-        rows.map(|d| blob_key(&d.expect("digest")).to_string()).collect()
-    };
+    let rows: BTreeSet<String> = blob_rows(&data_dir)
+        .iter()
+        .map(|d| blob_key(d).to_string())
+        .collect();
     assert_eq!(
         bucket_keys(&moto).await.expect("listing"),
         rows,

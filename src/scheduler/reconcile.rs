@@ -104,8 +104,7 @@ pub async fn reconcile(
     };
     let now = now_secs();
     let grace = i64::try_from(s.settings.reconcile_grace.as_secs()).unwrap_or(i64::MAX);
-    let (stale, aborted) = super::uploads::abort_stale(s, opts.dry_run).await?;
-    (report.stale_uploads, report.uploads_aborted) = (stale, aborted);
+    (report.stale_uploads, report.uploads_aborted) = super::uploads::abort_stale(s, opts.dry_run).await?;
     progress.phase("listing storage", None);
     let mut listed = Listed::default();
     let mut batch = Vec::new();

@@ -17,6 +17,14 @@ pub fn count(data_dir: &Path, sql: &str) -> i64 {
     db(data_dir).query_row(sql, [], |r| r.get(0)).expect(sql)
 }
 
+/// The digest of every `blobs` row.
+pub fn blob_rows(data_dir: &Path) -> std::collections::BTreeSet<String> {
+    let db = db(data_dir);
+    let mut stmt = db.prepare("SELECT digest FROM blobs").expect("prepare");
+    let rows = stmt.query_map([], |r| r.get(0)).expect("query blobs");
+    rows.collect::<Result<_, _>>().expect("blob rows")
+}
+
 /// The file the filesystem store keeps the blob `digest` in.
 pub fn blob_path(data_dir: &Path, digest: &str) -> PathBuf {
     let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
