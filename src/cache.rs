@@ -2,6 +2,7 @@
 //! from storage, what is fetched (once per digest, however many ask), what is revalidated,
 //! and records it all in metadata. Calls `metadata`, `storage` and `upstream`; never HTTP.
 
+mod active;
 mod blobs;
 mod error;
 mod listing;
@@ -13,9 +14,9 @@ mod uses;
 pub use crate::config::{Config, Duration};
 use crate::metadata::{Metadata, RepoKey};
 use crate::oci::{Digest, RepoName};
-use crate::scheduler::ActiveBlobs;
 use crate::storage::BlobStore;
 use crate::upstream::{RouteError, Upstream, Upstreams};
+pub use active::{ActiveBlobs, ActiveGuard};
 pub use blobs::{BlobResponse, ByteRange};
 pub use error::CacheError;
 use single_flight::SingleFlight;

@@ -33,7 +33,7 @@ pub use repos::{RepoKey, Use};
 pub use settings::{AppliedSettings, SettingsChange};
 pub use status::{CountBytes, FailingDelete, Status};
 pub use tags::{ReferrersRecord, TagRecord};
-pub use uploads::StaleUpload;
+pub use uploads::{StaleUpload, UploadRecord};
 
 /// Errors of the metadata layer.
 #[derive(Debug, thiserror::Error)]

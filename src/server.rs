@@ -2,10 +2,10 @@
 //! clients and the cache, binds the listener, and stops everything on one shutdown signal
 //! with a bounded drain.
 
-use crate::cache::{Cache, CacheParts, CacheSettings, UseBuffer};
+use crate::cache::{ActiveBlobs, Cache, CacheParts, CacheSettings, UseBuffer};
 use crate::config::Config;
 use crate::metadata::{now_secs, AppliedSettings, Metadata, MetadataError};
-use crate::scheduler::{ActiveBlobs, JobSettings, Scheduler, SchedulerSettings};
+use crate::scheduler::{JobSettings, Scheduler, SchedulerSettings};
 use crate::storage::StorageError;
 use crate::upstream::{UpstreamError, Upstreams};
 use std::net::SocketAddr;
