@@ -7,6 +7,8 @@ mod client;
 mod error;
 mod routing;
 
-pub use client::{FetchedManifest, FetchedReferrers, ManifestHead, Upstream};
+pub use client::{
+    FetchedManifest, FetchedReferrers, ManifestHead, Upstream, TAG_LIST_MAX_BYTES, TAG_PAGES_MAX,
+};
 pub use error::UpstreamError;
 pub use routing::{RouteError, Routed, Upstreams};

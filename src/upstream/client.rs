@@ -16,8 +16,12 @@ use url::Url;
 /// Error bodies are read only this far: enough for the OCI error JSON.
 const ERROR_BODY_MAX_BYTES: usize = 64 * 1024;
 /// Tag list pages followed at most; at 1000 tags a page that is 100 000 tags.
-const TAG_PAGES_MAX: usize = 100;
+pub const TAG_PAGES_MAX: usize = 100;
 const TAG_PAGE_SIZE: usize = 1000;
+/// Bytes of tag-list JSON read at most, over all pages: 100 000 tags of 80 characters.
+/// The list is held in memory, stored as one SQLite row and sorted for every request, so
+/// an upstream must not be able to make it larger than that.
+pub const TAG_LIST_MAX_BYTES: usize = 8 * 1024 * 1024;
 const USER_AGENT: &str = concat!("regcache/", env!("CARGO_PKG_VERSION"));
 
 /// A manifest as the upstream sent it (not yet verified).
@@ -103,14 +107,26 @@ impl Upstream {
         })
     }
 
+    /// `path` (`/v2/…`) on this upstream, after the configured URL's own path: an upstream
+    /// `https://host/mirror` is asked at `https://host/mirror/v2/…`, as registries served
+    /// under a path (Artifactory's `/artifactory/api/docker/<repo>`, Nexus's
+    /// `/repository/<name>`) expect.
     fn url(&self, path: &str) -> Result<Url, UpstreamError> {
-        self.base.join(path).map_err(|e| UpstreamError::Invalid {
+        let full = format!("{}{path}", self.base.path().trim_end_matches('/'));
+        self.base.join(&full).map_err(|e| UpstreamError::Invalid {
             upstream: self.name.clone(),
             message: format!("bad path {path:?}: {e}"),
         })
     }
 
-    /// Sends a request, answering one auth challenge if the upstream sends one.
+    /// Whether `url` is on this upstream's own scheme, host and port: the only place its
+    /// credentials and tokens may go (I9).
+    fn is_own_origin(&self, url: &Url) -> bool {
+        url.origin() == self.base.origin()
+    }
+
+    /// Sends a request, answering one auth challenge if the upstream sends one. Only to
+    /// the upstream's own origin, since it attaches the credentials.
     async fn send(
         &self,
         method: Method,
@@ -118,6 +134,17 @@ impl Upstream {
         repo: &RepoName,
         accept: Option<&str>,
     ) -> Result<Response, UpstreamError> {
+        if !self.is_own_origin(&url) {
+            // Callers build URLs from `base` and check tag-list pages; this guards any
+            // future caller against sending the credentials elsewhere.
+            return Err(UpstreamError::Invalid {
+                upstream: self.name.clone(),
+                message: format!(
+                    "refused a request to {}, outside the upstream's origin",
+                    url.origin().ascii_serialization()
+                ),
+            });
+        }
         let scope = format!("repository:{repo}:pull");
         for attempt in 0..2 {
             let mut req = self.http.request(method.clone(), url.clone());
@@ -190,9 +217,16 @@ impl Upstream {
             }
             q.append_pair("scope", scope);
         }
-        let mut req = self.http.get(url);
+        let mut req = self.http.get(url.clone());
         if let Some((user, pass)) = &self.credentials {
-            req = req.basic_auth(user, Some(pass.expose()));
+            if may_send_password(&self.base, &url) {
+                req = req.basic_auth(user, Some(pass.expose()));
+            } else {
+                tracing::warn!(
+                    upstream = %self.name, realm = %url.origin().ascii_serialization(),
+                    "the token realm is plain http while the upstream is https; asking for a token without the credentials"
+                );
+            }
         }
         let resp = req
             .send()
@@ -323,7 +357,9 @@ impl Upstream {
         }))
     }
 
-    /// The complete tag list, following `Link` pages (bounded).
+    /// The tag list, following `Link` pages on the upstream's own origin, bounded by
+    /// `TAG_PAGES_MAX` pages and `TAG_LIST_MAX_BYTES`: past a bound, the tags of the pages
+    /// read so far (logged as a warning).
     pub async fn tags(&self, repo: &RepoName) -> Result<Vec<String>, UpstreamError> {
         #[derive(serde::Deserialize)]
         struct TagList {
@@ -331,32 +367,53 @@ impl Upstream {
         }
         let mut url = self.url(&format!("/v2/{repo}/tags/list?n={TAG_PAGE_SIZE}"))?;
         let mut names = Vec::new();
-        for page in 0..TAG_PAGES_MAX {
-            if page + 1 == TAG_PAGES_MAX {
+        let mut budget = TAG_LIST_MAX_BYTES;
+        for page in 0.. {
+            if page == TAG_PAGES_MAX {
                 tracing::warn!(
                     upstream = %self.name, repo.name = %repo, pages_max = TAG_PAGES_MAX,
                     "tag list has more pages than regcache follows; listing the first ones"
                 );
+                break;
             }
             let resp = self
                 .checked(self.send(Method::GET, url.clone(), repo, None).await?)
                 .await?;
             let next = header_string(resp.headers(), LINK).and_then(|l| next_link(&l));
-            let body = read_limited(resp, MANIFEST_MAX_BYTES, &self.name).await?;
+            let body = match read_limited(resp, budget, &self.name).await {
+                Err(UpstreamError::TooLarge { .. }) if page > 0 => {
+                    tracing::warn!(
+                        upstream = %self.name, repo.name = %repo, max_bytes = TAG_LIST_MAX_BYTES,
+                        "tag list is larger than regcache reads; listing the first pages"
+                    );
+                    break;
+                }
+                other => other?,
+            };
+            budget -= body.len();
             let page: TagList = serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid {
                 upstream: self.name.clone(),
                 message: format!("tag list: {e}"),
             })?;
             names.extend(page.tags.unwrap_or_default());
-            match next {
-                Some(next) => {
-                    url = url.join(&next).map_err(|e| UpstreamError::Invalid {
-                        upstream: self.name.clone(),
-                        message: format!("tag list Link {next:?}: {e}"),
-                    })?
-                }
-                None => break,
+            let Some(next) = next else {
+                break;
+            };
+            let next = url.join(&next).map_err(|e| UpstreamError::Invalid {
+                upstream: self.name.clone(),
+                message: format!("tag list Link {next:?}: {e}"),
+            })?;
+            if !self.is_own_origin(&next) {
+                // Not followed: the credentials must not go there (I9), and regcache is
+                // not to be steered by an upstream into asking other hosts.
+                tracing::warn!(
+                    upstream = %self.name, repo.name = %repo,
+                    link.origin = %next.origin().ascii_serialization(),
+                    "tag list Link points to another origin; not followed, listing the pages read so far"
+                );
+                break;
             }
+            url = next;
         }
         Ok(names)
     }
@@ -396,6 +453,13 @@ impl Upstream {
 
 fn header_string(headers: &HeaderMap, name: impl reqwest::header::AsHeaderName) -> Option<String> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// Whether the upstream's password may go to the token realm `realm`: not over plain
+/// http when the upstream itself is https (a realm the upstream names must not downgrade
+/// the credentials to clear text).
+fn may_send_password(base: &Url, realm: &Url) -> bool {
+    realm.scheme() == "https" || base.scheme() == "http"
 }
 
 /// The target of a `Link: <url>; rel="next"` header.
@@ -439,6 +503,95 @@ mod tests {
         );
         assert_eq!(next_link(r#"<http://x/y>; rel="prev""#), None);
         assert_eq!(next_link("garbage"), None);
+    }
+
+    #[test]
+    fn the_password_goes_over_http_only_for_an_http_upstream() {
+        let url = |s: &str| Url::parse(s).unwrap();
+        let https = url("https://registry.example");
+        let http = url("http://registry.internal:5000");
+        assert!(may_send_password(&https, &url("https://auth.example/token")));
+        assert!(!may_send_password(&https, &url("http://auth.example/token")));
+        assert!(!may_send_password(&https, &url("http://registry.example/token")));
+        assert!(may_send_password(&http, &url("http://auth.internal/token")));
+        assert!(may_send_password(&http, &url("https://auth.example/token")));
+    }
+
+    fn config(url: &str) -> UpstreamConfig {
+        UpstreamConfig {
+            name: "m".into(),
+            url: url.into(),
+            default: true,
+            username: Some("user".into()),
+            password: Some(Secret::new("pass")),
+            password_file: None,
+            ttl: None,
+        }
+    }
+
+    /// Answers one request on 127.0.0.1 with a token; yields the `Authorization` it got.
+    async fn token_realm() -> (String, tokio::task::JoinHandle<Option<String>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let realm = format!("http://{}/token", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                conn.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            let body = r#"{"token":"t","expires_in":300}"#;
+            let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+            conn.write_all(answer.as_bytes()).await.unwrap();
+            String::from_utf8(head).unwrap().lines().find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("authorization")
+                    .then(|| value.trim().to_owned())
+            })
+        });
+        (realm, task)
+    }
+
+    #[tokio::test]
+    async fn an_https_upstream_never_sends_its_password_to_an_http_realm() {
+        let proxy = crate::config::load(None, Vec::new()).unwrap().proxy;
+        for (base, sent) in [
+            ("https://registry.invalid", None),
+            ("http://registry.invalid", Some("Basic dXNlcjpwYXNz")),
+        ] {
+            let upstream = Upstream::new(&config(base), &proxy).unwrap();
+            let (realm, got) = token_realm().await;
+            let (token, _) = upstream
+                .fetch_token(&realm, None, "repository:a:pull")
+                .await
+                .unwrap();
+            assert_eq!(token, "t");
+            assert_eq!(got.await.unwrap().as_deref(), sent, "{base}");
+        }
+    }
+
+    #[test]
+    fn requests_go_under_the_configured_path() {
+        let proxy = crate::config::load(None, Vec::new()).unwrap().proxy;
+        for (base, want) in [
+            ("https://host", "https://host/v2/a/b/tags/list?n=1"),
+            ("https://host/", "https://host/v2/a/b/tags/list?n=1"),
+            ("https://host/mirror", "https://host/mirror/v2/a/b/tags/list?n=1"),
+            (
+                "https://host:8443/x/y/",
+                "https://host:8443/x/y/v2/a/b/tags/list?n=1",
+            ),
+        ] {
+            let u = Upstream::new(&config(base), &proxy).unwrap();
+            assert_eq!(u.url("/v2/a/b/tags/list?n=1").unwrap().as_str(), want, "{base}");
+            assert!(u.is_own_origin(&u.url("/v2/").unwrap()));
+        }
+        let u = Upstream::new(&config("https://host"), &proxy).unwrap();
+        for other in ["http://host/v2/", "https://host:444/v2/", "https://other/v2/"] {
+            assert!(!u.is_own_origin(&Url::parse(other).unwrap()), "{other}");
+        }
     }
 
     #[test]
