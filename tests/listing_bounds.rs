@@ -102,3 +102,72 @@ async fn concurrent_tag_list_requests_share_one_upstream_walk() {
         "one walk of three pages for eight requests"
     );
 }
+
+/// Asks for `subject`'s referrers under `repo`, filtered by `artifact_type`.
+async fn referrers(app: &TestApp, repo: &str, subject: &str, artifact_type: &str) {
+    let path = format!("/v2/{repo}/referrers/{subject}?artifactType={artifact_type}");
+    ok_bytes(app.get(&path).await).await;
+}
+
+#[tokio::test]
+async fn stored_referrers_answers_are_bounded_per_repository() {
+    use futures::StreamExt;
+    let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
+    let image = Image::new("referrers-bound", &[100], CREATED);
+    upstream.add_image("acme/a", Some("v1"), &image);
+    upstream.add_image("acme/b", Some("v1"), &image);
+    let app = TestApp::start(&upstream.url()).await;
+    let subject = &image.manifest.digest;
+
+    // An anonymous client inventing artifact types, eight requests at a time.
+    let max = regcache::metadata::REFERRERS_PER_REPO_MAX as usize;
+    futures::stream::iter(0..max + 40)
+        .for_each_concurrent(8, |i| {
+            let app = &app;
+            async move { referrers(app, "acme/a", subject, &format!("application/x.invented.{i}")).await }
+        })
+        .await;
+    referrers(&app, "acme/b", subject, "application/x.sbom").await;
+
+    let per_repo = |repo: &str| {
+        app.count(&format!(
+            "SELECT count(*) FROM referrers f JOIN repositories r ON r.id = f.repo_id WHERE r.name = '{repo}'"
+        ))
+    };
+    assert_eq!(per_repo("acme/a"), max as i64, "the oldest went past the bound");
+    assert_eq!(per_repo("acme/b"), 1, "another repository keeps its own");
+    // The newest answer is kept.
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM referrers WHERE artifact_type = 'application/x.invented.{}'",
+            max + 39
+        )),
+        1
+    );
+}
+
+#[tokio::test]
+async fn stored_referrers_answers_expire_with_the_ttl() {
+    let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
+    let image = Image::new("referrers-ttl", &[100], CREATED);
+    upstream.add_image("acme/a", Some("v1"), &image);
+    let app = TestApp::start_with(&[("fixture", &upstream.url())], |c| {
+        c.proxy.ttl = regcache::config::Duration::from_secs(2);
+    })
+    .await;
+    for t in ["application/x.sbom", "application/x.signature", ""] {
+        referrers(&app, "acme/a", &image.manifest.digest, t).await;
+    }
+    assert_eq!(
+        app.count("SELECT count(*) FROM referrers WHERE expires_at IS NOT NULL"),
+        3
+    );
+    // Expiry never removes repository rows, so the answers cannot go by a cascade.
+
+    common::wait_until_async(
+        "the referrers answers expired",
+        Duration::from_secs(30),
+        || async { app.count("SELECT count(*) FROM referrers") == 0 },
+    )
+    .await;
+}
