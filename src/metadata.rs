@@ -8,6 +8,7 @@ mod cleanup;
 mod deletes;
 mod eviction;
 mod expiry;
+mod instance;
 mod jobs;
 mod manifests;
 mod migrations;
