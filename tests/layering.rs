@@ -7,20 +7,25 @@ use std::path::Path;
 
 /// Each module and the modules it may use besides itself. Top to bottom:
 /// server/cli → registry/admin → scheduler → cache → (metadata, storage, upstream) →
-/// config → (oci, glob).
+/// config → (oci, glob). `fault` (test-only panic points) depends on nothing and may be
+/// used anywhere.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("oci", &[]),
     ("glob", &[]),
+    ("fault", &[]),
     ("config", &["oci", "glob"]),
     ("metadata", &["oci", "config"]),
     ("storage", &["oci", "config"]),
     ("upstream", &["oci", "config"]),
-    ("cache", &["metadata", "storage", "upstream", "oci", "config"]),
+    (
+        "cache",
+        &["metadata", "storage", "upstream", "oci", "config", "fault"],
+    ),
     (
         "scheduler",
-        &["cache", "metadata", "storage", "oci", "config", "glob"],
+        &["cache", "metadata", "storage", "oci", "config", "glob", "fault"],
     ),
-    ("registry", &["cache", "upstream", "oci", "config"]),
+    ("registry", &["cache", "upstream", "oci", "config", "fault"]),
     ("admin", &["metadata", "upstream", "oci", "config"]),
 ];
 
