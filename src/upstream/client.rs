@@ -7,7 +7,7 @@ use crate::config::{ProxyConfig, Secret, UpstreamConfig};
 use crate::oci::{Digest, RepoName, MANIFEST_ACCEPT, MANIFEST_MAX_BYTES};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE, LINK, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -15,13 +15,6 @@ use url::Url;
 
 /// Error bodies are read only this far: enough for the OCI error JSON.
 const ERROR_BODY_MAX_BYTES: usize = 64 * 1024;
-/// Tag list pages followed at most; at 1000 tags a page that is 100 000 tags.
-pub const TAG_PAGES_MAX: usize = 100;
-const TAG_PAGE_SIZE: usize = 1000;
-/// Bytes of tag-list JSON read at most, over all pages: 100 000 tags of 80 characters.
-/// The list is held in memory, stored as one SQLite row and sorted for every request, so
-/// an upstream must not be able to make it larger than that.
-pub const TAG_LIST_MAX_BYTES: usize = 8 * 1024 * 1024;
 const USER_AGENT: &str = concat!("regcache/", env!("CARGO_PKG_VERSION"));
 
 /// A manifest as the upstream sent it (not yet verified).
@@ -111,7 +104,7 @@ impl Upstream {
     /// `https://host/mirror` is asked at `https://host/mirror/v2/…`, as registries served
     /// under a path (Artifactory's `/artifactory/api/docker/<repo>`, Nexus's
     /// `/repository/<name>`) expect.
-    fn url(&self, path: &str) -> Result<Url, UpstreamError> {
+    pub(super) fn url(&self, path: &str) -> Result<Url, UpstreamError> {
         let full = format!("{}{path}", self.base.path().trim_end_matches('/'));
         self.base.join(&full).map_err(|e| UpstreamError::Invalid {
             upstream: self.name.clone(),
@@ -121,13 +114,13 @@ impl Upstream {
 
     /// Whether `url` is on this upstream's own scheme, host and port: the only place its
     /// credentials and tokens may go (I9).
-    fn is_own_origin(&self, url: &Url) -> bool {
+    pub(super) fn is_own_origin(&self, url: &Url) -> bool {
         url.origin() == self.base.origin()
     }
 
     /// Sends a request, answering one auth challenge if the upstream sends one. Only to
     /// the upstream's own origin, since it attaches the credentials.
-    async fn send(
+    pub(super) async fn send(
         &self,
         method: Method,
         url: Url,
@@ -286,7 +279,7 @@ impl Upstream {
         }
     }
 
-    async fn checked(&self, resp: Response) -> Result<Response, UpstreamError> {
+    pub(super) async fn checked(&self, resp: Response) -> Result<Response, UpstreamError> {
         if resp.status().is_success() {
             Ok(resp)
         } else {
@@ -357,67 +350,6 @@ impl Upstream {
         }))
     }
 
-    /// The tag list, following `Link` pages on the upstream's own origin, bounded by
-    /// `TAG_PAGES_MAX` pages and `TAG_LIST_MAX_BYTES`: past a bound, the tags of the pages
-    /// read so far (logged as a warning).
-    pub async fn tags(&self, repo: &RepoName) -> Result<Vec<String>, UpstreamError> {
-        #[derive(serde::Deserialize)]
-        struct TagList {
-            tags: Option<Vec<String>>,
-        }
-        let mut url = self.url(&format!("/v2/{repo}/tags/list?n={TAG_PAGE_SIZE}"))?;
-        let mut names = Vec::new();
-        let mut budget = TAG_LIST_MAX_BYTES;
-        for page in 0.. {
-            if page == TAG_PAGES_MAX {
-                tracing::warn!(
-                    upstream = %self.name, repo.name = %repo, pages_max = TAG_PAGES_MAX,
-                    "tag list has more pages than regcache follows; listing the first ones"
-                );
-                break;
-            }
-            let resp = self
-                .checked(self.send(Method::GET, url.clone(), repo, None).await?)
-                .await?;
-            let next = header_string(resp.headers(), LINK).and_then(|l| next_link(&l));
-            let body = match read_limited(resp, budget, &self.name).await {
-                Err(UpstreamError::TooLarge { .. }) if page > 0 => {
-                    tracing::warn!(
-                        upstream = %self.name, repo.name = %repo, max_bytes = TAG_LIST_MAX_BYTES,
-                        "tag list is larger than regcache reads; listing the first pages"
-                    );
-                    break;
-                }
-                other => other?,
-            };
-            budget -= body.len();
-            let page: TagList = serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid {
-                upstream: self.name.clone(),
-                message: format!("tag list: {e}"),
-            })?;
-            names.extend(page.tags.unwrap_or_default());
-            let Some(next) = next else {
-                break;
-            };
-            let next = url.join(&next).map_err(|e| UpstreamError::Invalid {
-                upstream: self.name.clone(),
-                message: format!("tag list Link {next:?}: {e}"),
-            })?;
-            if !self.is_own_origin(&next) {
-                // Not followed: the credentials must not go there (I9), and regcache is
-                // not to be steered by an upstream into asking other hosts.
-                tracing::warn!(
-                    upstream = %self.name, repo.name = %repo,
-                    link.origin = %next.origin().ascii_serialization(),
-                    "tag list Link points to another origin; not followed, listing the pages read so far"
-                );
-                break;
-            }
-            url = next;
-        }
-        Ok(names)
-    }
-
     pub async fn referrers(
         &self,
         repo: &RepoName,
@@ -451,7 +383,7 @@ impl Upstream {
     }
 }
 
-fn header_string(headers: &HeaderMap, name: impl reqwest::header::AsHeaderName) -> Option<String> {
+pub(super) fn header_string(headers: &HeaderMap, name: impl reqwest::header::AsHeaderName) -> Option<String> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
@@ -462,20 +394,12 @@ fn may_send_password(base: &Url, realm: &Url) -> bool {
     realm.scheme() == "https" || base.scheme() == "http"
 }
 
-/// The target of a `Link: <url>; rel="next"` header.
-fn next_link(header: &str) -> Option<String> {
-    header.split(',').find_map(|part| {
-        let (target, params) = part.split_once(';')?;
-        let is_next = params
-            .split(';')
-            .any(|p| p.trim().replace(' ', "") == "rel=\"next\"" || p.trim() == "rel=next");
-        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
-        is_next.then(|| target.to_owned())
-    })
-}
-
 /// Reads a body, failing once it passes `limit` bytes (without trusting Content-Length).
-async fn read_limited(resp: Response, limit: usize, upstream: &str) -> Result<Bytes, UpstreamError> {
+pub(super) async fn read_limited(
+    resp: Response,
+    limit: usize,
+    upstream: &str,
+) -> Result<Bytes, UpstreamError> {
     let mut out = BytesMut::new();
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
@@ -494,16 +418,6 @@ async fn read_limited(resp: Response, limit: usize, upstream: &str) -> Result<By
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn link_header_next_target() {
-        assert_eq!(
-            next_link(r#"</v2/a/tags/list?n=2&last=b>; rel="next""#).as_deref(),
-            Some("/v2/a/tags/list?n=2&last=b")
-        );
-        assert_eq!(next_link(r#"<http://x/y>; rel="prev""#), None);
-        assert_eq!(next_link("garbage"), None);
-    }
 
     #[test]
     fn the_password_goes_over_http_only_for_an_http_upstream() {
