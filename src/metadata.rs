@@ -8,12 +8,14 @@ mod cleanup;
 mod deletes;
 mod eviction;
 mod expiry;
+mod instance;
 mod jobs;
 mod manifests;
 mod migrations;
 mod pool;
 mod purge;
 mod reconcile;
+mod referrers;
 mod repos;
 mod settings;
 mod status;
@@ -29,11 +31,12 @@ pub use jobs::{CancelOutcome, Job, JobBackoff, RunOutcome, SweepReport};
 pub use manifests::{ManifestRecord, NewManifest};
 pub use pool::Metadata;
 pub use purge::{HandedBlobs, RepoDeleteStep, Unlinked};
+pub use referrers::{ReferrersRecord, REFERRERS_PER_REPO_MAX};
 pub use repos::{RepoKey, Use};
 pub use settings::{AppliedSettings, SettingsChange};
 pub use status::{CountBytes, FailingDelete, Status};
-pub use tags::{ReferrersRecord, TagRecord};
-pub use uploads::StaleUpload;
+pub use tags::TagRecord;
+pub use uploads::{StaleUpload, UploadRecord};
 
 /// Errors of the metadata layer.
 #[derive(Debug, thiserror::Error)]

@@ -104,6 +104,7 @@ impl Cache {
         let (upstream, repo, tag) = (t.upstream.clone(), t.repo.clone(), tag.to_string());
         self.revalidations
             .run(key, move || async move {
+                crate::fault::point("cache.revalidate", &format!("{repo}:{tag}"));
                 upstream
                     .head_manifest(&repo, &tag)
                     .await
@@ -133,6 +134,7 @@ impl Cache {
         t: &Target,
         reference: &Reference,
     ) -> Result<ManifestRecord, CacheError> {
+        crate::fault::point("cache.manifest_fetch", &format!("{}:{reference}", t.repo));
         let fetched = match t.upstream.get_manifest(&t.repo, &reference.to_string()).await {
             Err(e) if e.is_not_found() => {
                 return Err(CacheError::ManifestUnknown {

@@ -168,7 +168,7 @@ impl Cache {
             // A multipart upload is on record before its first part is sent (I2).
             let upload = self.store.open_upload(digest, written).await?;
             if let Some(u) = &upload {
-                if let Err(e) = self.meta.record_upload(intent, u.clone()).await {
+                if let Err(e) = self.meta.record_upload(intent, u.key.clone(), u.id.clone()).await {
                     let _ = self.store.abort_upload(u).await;
                     return Err(e.into());
                 }

@@ -3,10 +3,11 @@
 //! CLI delete and a server write apart).
 
 use super::format::{bytes, secs};
+use crate::cache::ActiveBlobs;
 use crate::config::Config;
 use crate::metadata::Metadata;
 use crate::scheduler::reconcile::{reconcile, Progress, ReconcileOptions, ReconcileReport};
-use crate::scheduler::{run_deletes_once, ActiveBlobs, Scheduler, SchedulerSettings};
+use crate::scheduler::{run_deletes_once, Scheduler, SchedulerSettings};
 use anyhow::Context;
 use std::io::IsTerminal;
 use std::sync::Arc;

@@ -227,7 +227,7 @@ fn validate_upstreams(upstreams: &mut Vec<UpstreamConfig>) -> Result<(), ConfigE
                 format!("{:?} is used by two upstreams", u.name),
             ));
         }
-        check_url(&key("url"), &u.url)?;
+        check_upstream_url(&key("url"), &u.url)?;
         u.url = u.url.trim_end_matches('/').to_owned();
         if u.password.is_some() && u.password_file.is_some() {
             return Err(invalid(
@@ -267,8 +267,71 @@ fn check_url(key: &str, raw: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// An upstream URL: http(s) with a host, and a path only as the prefix requests go under
+/// (`https://host/mirror` → `https://host/mirror/v2/…`); nothing that would be dropped
+/// or printed unredacted.
+fn check_upstream_url(key: &str, raw: &str) -> Result<(), ConfigError> {
+    check_url(key, raw)?;
+    let url = url::Url::parse(raw).map_err(|e| invalid(key, format!("{raw:?} is not a URL ({e})")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(
+            key,
+            "must not carry credentials (they would be printed); use username and password_file",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(
+            key,
+            format!("{raw:?} must not have a query or a fragment"),
+        ));
+    }
+    let path = url.path().trim_end_matches('/');
+    if path == "/v2" || path.ends_with("/v2") {
+        return Err(invalid(
+            key,
+            format!("{raw:?} must not end in /v2: regcache adds /v2/ after the URL's path"),
+        ));
+    }
+    Ok(())
+}
+
 fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
     Ok(Secret::new(text.trim_end_matches(['\r', '\n'])))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{load, ConfigError};
+
+    fn upstream_url(url: &str) -> Result<String, ConfigError> {
+        let env = vec![(
+            "REGCACHE_UPSTREAM".to_owned(),
+            format!("[{{name = \"m\", url = \"{url}\"}}]"),
+        )];
+        load(None, env).map(|c| c.upstream[0].url.clone())
+    }
+
+    #[test]
+    fn upstream_urls_keep_their_path_and_refuse_what_would_be_dropped() {
+        assert_eq!(
+            upstream_url("https://host/mirror/").unwrap(),
+            "https://host/mirror"
+        );
+        assert_eq!(
+            upstream_url("https://host/artifactory/api/docker/remote").unwrap(),
+            "https://host/artifactory/api/docker/remote"
+        );
+        for bad in [
+            "https://user:pw@host",
+            "https://host/mirror?x=1",
+            "https://host/mirror#top",
+            "https://host/v2",
+            "https://host/mirror/v2/",
+        ] {
+            let e = upstream_url(bad).unwrap_err();
+            assert!(e.to_string().contains("upstream[0].url"), "{bad}: {e}");
+        }
+    }
 }

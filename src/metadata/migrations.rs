@@ -28,6 +28,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "0006_open_uploads.sql",
         include_str!("../../schema/0006_open_uploads.sql"),
     ),
+    (
+        7,
+        "0007_referrers_expiry.sql",
+        include_str!("../../schema/0007_referrers_expiry.sql"),
+    ),
 ];
 
 /// Brings the database up to the newest schema; a database newer than this build is an
@@ -229,7 +234,7 @@ mod tests {
             [],
         )
         .unwrap();
-        assert_eq!(migrate(&mut conn).unwrap(), 1);
+        assert_eq!(migrate_to(&mut conn, 6).unwrap(), 1);
         let intent: (i64, String, Option<String>, Option<String>) = conn
             .query_row(
                 "SELECT id, digest, upload_key, upload_id FROM write_intents",
@@ -242,6 +247,28 @@ mod tests {
             .query_row("SELECT count(*) FROM stale_uploads", [], |r| r.get(0))
             .unwrap();
         assert_eq!(stale, 0);
+    }
+
+    #[test]
+    fn version_7_gives_stored_referrers_answers_their_upstreams_ttl() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 6).unwrap();
+        conn.execute_batch(
+            "INSERT INTO upstream_settings (upstream, ttl_secs, applied_at) VALUES ('a', 100, 0), ('b', 0, 0);
+             INSERT INTO repositories (id, upstream, name, created_at, last_used_at) VALUES (1, 'a', 'r', 0, 0), (2, 'b', 'r', 0, 0);
+             INSERT INTO referrers (repo_id, digest, artifact_type, media_type, body, fetched_at)
+               VALUES (1, 'sha256:s', '', 'x', x'00', 40), (2, 'sha256:s', '', 'x', x'00', 40);",
+        )
+        .unwrap();
+        assert_eq!(migrate(&mut conn).unwrap(), 1);
+        let expiry: Vec<Option<i64>> = conn
+            .prepare("SELECT expires_at FROM referrers ORDER BY repo_id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(expiry, [Some(140), None], "ttl 100 from fetched_at; ttl 0: never");
     }
 
     #[test]

@@ -123,6 +123,19 @@ fn apply(tx: &Transaction<'_>, s: &AppliedSettings, now: i64) -> Result<Settings
                     tx.execute(&sql, params![upstream])?
                 } as u64;
             }
+            // Stored referrers answers count from when they were fetched.
+            let referrers_expire = if *ttl == 0 {
+                "NULL".to_owned()
+            } else {
+                format!("fetched_at + {ttl}")
+            };
+            tx.execute(
+                &format!(
+                    "UPDATE referrers SET expires_at = {referrers_expire}
+                      WHERE repo_id IN (SELECT id FROM repositories WHERE upstream = ?1)"
+                ),
+                params![upstream],
+            )?;
             if old != *ttl {
                 change.ttl_changes.push((upstream.clone(), old, *ttl, n));
             }

@@ -3,12 +3,14 @@
 //! rows whose object is missing are repaired (unlinked, so the next pull refetches);
 //! leftover temporary files go. With `verify`, stored blobs are re-hashed and mismatches
 //! quarantined. Runs at server start-up, every `storage.reconcile_interval`, and as
-//! `regcache fsck`.
+//! `regcache fsck`. On a shared store (S3, GCS) orphans are deleted only while the
+//! prefix's owner marker names this instance: under another instance's prefix they are
+//! that instance's blobs, not leftovers.
 
 use super::{deletes::DISABLED_REASON, Scheduler};
 use crate::metadata::{now_secs, MetadataError};
 use crate::oci::{Digest, Sha256Writer};
-use crate::storage::StorageError;
+use crate::storage::{PrefixOwner, StorageError};
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use std::time::Duration;
@@ -47,6 +49,9 @@ pub struct ReconcileReport {
     pub blobs_verified: u64,
     pub blobs_corrupt: u64,
     pub blobs_quarantined: u64,
+    /// The instance whose owner marker is on the store's prefix, when it is not this one:
+    /// orphans were then counted but none deleted.
+    pub prefix_owner: Option<String>,
     /// Multipart uploads a crash or a failed write left open (S3, GCS).
     pub stale_uploads: u64,
     /// Of those, aborted in the store (0 on a dry run).
@@ -73,6 +78,11 @@ impl Progress for () {}
 pub(super) async fn run(s: Scheduler) {
     loop {
         match reconcile(&s, ReconcileOptions::default(), &()).await {
+            Ok(r) if r.prefix_owner.is_some() => tracing::error!(
+                owner.instance = r.prefix_owner.as_deref().unwrap_or_default(),
+                orphans.kept = r.orphan_objects,
+                "the storage prefix belongs to another regcache instance: its objects were not deleted; give each instance its own prefix"
+            ),
             Ok(r) if r.orphan_objects + r.missing_objects + r.temp_files_removed + r.stale_uploads > 0 => {
                 tracing::info!(
                     orphans.queued = r.orphans_queued,
@@ -105,6 +115,14 @@ pub async fn reconcile(
     let now = now_secs();
     let grace = i64::try_from(s.settings.reconcile_grace.as_secs()).unwrap_or(i64::MAX);
     (report.stale_uploads, report.uploads_aborted) = super::uploads::abort_stale(s, opts.dry_run).await?;
+    // Orphans are handled as on a dry run under a prefix another instance owns.
+    if let PrefixOwner::Other { instance, .. } = prefix_owner(s, now, opts.dry_run).await? {
+        report.prefix_owner = Some(instance);
+    }
+    let orphan_opts = ReconcileOptions {
+        dry_run: opts.dry_run || report.prefix_owner.is_some(),
+        ..opts
+    };
     progress.phase("listing storage", None);
     let mut listed = Listed::default();
     let mut batch = Vec::new();
@@ -121,7 +139,7 @@ pub async fn reconcile(
                 // A stray key under the blob prefix: no digest to queue it under.
                 report.orphan_objects += 1;
                 report.orphan_bytes += obj.size;
-                if !opts.dry_run {
+                if !orphan_opts.dry_run {
                     s.store.delete_key(&obj.key).await?;
                     report.orphans_queued += 1;
                 }
@@ -129,13 +147,13 @@ pub async fn reconcile(
             None => report.orphans_too_young += 1,
         }
         if batch.len() >= CHECK_BATCH {
-            check_objects(s, &mut batch, now, grace, opts, &mut report).await?;
+            check_objects(s, &mut batch, now, grace, orphan_opts, &mut report).await?;
         }
         if s.shutdown.is_cancelled() {
             return Ok(report);
         }
     }
-    check_objects(s, &mut batch, now, grace, opts, &mut report).await?;
+    check_objects(s, &mut batch, now, grace, orphan_opts, &mut report).await?;
     listed.seal();
 
     progress.phase("checking rows", None);
@@ -179,6 +197,22 @@ pub async fn reconcile(
         s.deletes_due.notify_one();
     }
     Ok(report)
+}
+
+/// The owner of the store's prefix, claimed for this instance when it has no marker (not
+/// on a dry run, which changes nothing).
+async fn prefix_owner(s: &Scheduler, now: i64, dry_run: bool) -> Result<PrefixOwner, ReconcileError> {
+    let instance = s.meta.instance_id(now).await?;
+    if dry_run {
+        return Ok(s.store.prefix_owner(&instance).await?);
+    }
+    let data_dir = s
+        .tmp_dir
+        .as_ref()
+        .and_then(|t| t.parent())
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    Ok(s.store.claim_prefix(&instance, &data_dir, now).await?)
 }
 
 async fn check_objects(

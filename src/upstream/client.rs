@@ -7,7 +7,7 @@ use crate::config::{ProxyConfig, Secret, UpstreamConfig};
 use crate::oci::{Digest, RepoName, MANIFEST_ACCEPT, MANIFEST_MAX_BYTES};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE, LINK, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -15,9 +15,6 @@ use url::Url;
 
 /// Error bodies are read only this far: enough for the OCI error JSON.
 const ERROR_BODY_MAX_BYTES: usize = 64 * 1024;
-/// Tag list pages followed at most; at 1000 tags a page that is 100 000 tags.
-const TAG_PAGES_MAX: usize = 100;
-const TAG_PAGE_SIZE: usize = 1000;
 const USER_AGENT: &str = concat!("regcache/", env!("CARGO_PKG_VERSION"));
 
 /// A manifest as the upstream sent it (not yet verified).
@@ -103,21 +100,44 @@ impl Upstream {
         })
     }
 
-    fn url(&self, path: &str) -> Result<Url, UpstreamError> {
-        self.base.join(path).map_err(|e| UpstreamError::Invalid {
+    /// `path` (`/v2/…`) on this upstream, after the configured URL's own path: an upstream
+    /// `https://host/mirror` is asked at `https://host/mirror/v2/…`, as registries served
+    /// under a path (Artifactory's `/artifactory/api/docker/<repo>`, Nexus's
+    /// `/repository/<name>`) expect.
+    pub(super) fn url(&self, path: &str) -> Result<Url, UpstreamError> {
+        let full = format!("{}{path}", self.base.path().trim_end_matches('/'));
+        self.base.join(&full).map_err(|e| UpstreamError::Invalid {
             upstream: self.name.clone(),
             message: format!("bad path {path:?}: {e}"),
         })
     }
 
-    /// Sends a request, answering one auth challenge if the upstream sends one.
-    async fn send(
+    /// Whether `url` is on this upstream's own scheme, host and port: the only place its
+    /// credentials and tokens may go (I9).
+    pub(super) fn is_own_origin(&self, url: &Url) -> bool {
+        url.origin() == self.base.origin()
+    }
+
+    /// Sends a request, answering one auth challenge if the upstream sends one. Only to
+    /// the upstream's own origin, since it attaches the credentials.
+    pub(super) async fn send(
         &self,
         method: Method,
         url: Url,
         repo: &RepoName,
         accept: Option<&str>,
     ) -> Result<Response, UpstreamError> {
+        if !self.is_own_origin(&url) {
+            // Callers build URLs from `base` and check tag-list pages; this guards any
+            // future caller against sending the credentials elsewhere.
+            return Err(UpstreamError::Invalid {
+                upstream: self.name.clone(),
+                message: format!(
+                    "refused a request to {}, outside the upstream's origin",
+                    url.origin().ascii_serialization()
+                ),
+            });
+        }
         let scope = format!("repository:{repo}:pull");
         for attempt in 0..2 {
             let mut req = self.http.request(method.clone(), url.clone());
@@ -190,9 +210,16 @@ impl Upstream {
             }
             q.append_pair("scope", scope);
         }
-        let mut req = self.http.get(url);
+        let mut req = self.http.get(url.clone());
         if let Some((user, pass)) = &self.credentials {
-            req = req.basic_auth(user, Some(pass.expose()));
+            if may_send_password(&self.base, &url) {
+                req = req.basic_auth(user, Some(pass.expose()));
+            } else {
+                tracing::warn!(
+                    upstream = %self.name, realm = %url.origin().ascii_serialization(),
+                    "the token realm is plain http while the upstream is https; asking for a token without the credentials"
+                );
+            }
         }
         let resp = req
             .send()
@@ -252,7 +279,7 @@ impl Upstream {
         }
     }
 
-    async fn checked(&self, resp: Response) -> Result<Response, UpstreamError> {
+    pub(super) async fn checked(&self, resp: Response) -> Result<Response, UpstreamError> {
         if resp.status().is_success() {
             Ok(resp)
         } else {
@@ -323,44 +350,6 @@ impl Upstream {
         }))
     }
 
-    /// The complete tag list, following `Link` pages (bounded).
-    pub async fn tags(&self, repo: &RepoName) -> Result<Vec<String>, UpstreamError> {
-        #[derive(serde::Deserialize)]
-        struct TagList {
-            tags: Option<Vec<String>>,
-        }
-        let mut url = self.url(&format!("/v2/{repo}/tags/list?n={TAG_PAGE_SIZE}"))?;
-        let mut names = Vec::new();
-        for page in 0..TAG_PAGES_MAX {
-            if page + 1 == TAG_PAGES_MAX {
-                tracing::warn!(
-                    upstream = %self.name, repo.name = %repo, pages_max = TAG_PAGES_MAX,
-                    "tag list has more pages than regcache follows; listing the first ones"
-                );
-            }
-            let resp = self
-                .checked(self.send(Method::GET, url.clone(), repo, None).await?)
-                .await?;
-            let next = header_string(resp.headers(), LINK).and_then(|l| next_link(&l));
-            let body = read_limited(resp, MANIFEST_MAX_BYTES, &self.name).await?;
-            let page: TagList = serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid {
-                upstream: self.name.clone(),
-                message: format!("tag list: {e}"),
-            })?;
-            names.extend(page.tags.unwrap_or_default());
-            match next {
-                Some(next) => {
-                    url = url.join(&next).map_err(|e| UpstreamError::Invalid {
-                        upstream: self.name.clone(),
-                        message: format!("tag list Link {next:?}: {e}"),
-                    })?
-                }
-                None => break,
-            }
-        }
-        Ok(names)
-    }
-
     pub async fn referrers(
         &self,
         repo: &RepoName,
@@ -394,24 +383,23 @@ impl Upstream {
     }
 }
 
-fn header_string(headers: &HeaderMap, name: impl reqwest::header::AsHeaderName) -> Option<String> {
+pub(super) fn header_string(headers: &HeaderMap, name: impl reqwest::header::AsHeaderName) -> Option<String> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
-/// The target of a `Link: <url>; rel="next"` header.
-fn next_link(header: &str) -> Option<String> {
-    header.split(',').find_map(|part| {
-        let (target, params) = part.split_once(';')?;
-        let is_next = params
-            .split(';')
-            .any(|p| p.trim().replace(' ', "") == "rel=\"next\"" || p.trim() == "rel=next");
-        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
-        is_next.then(|| target.to_owned())
-    })
+/// Whether the upstream's password may go to the token realm `realm`: not over plain
+/// http when the upstream itself is https (a realm the upstream names must not downgrade
+/// the credentials to clear text).
+fn may_send_password(base: &Url, realm: &Url) -> bool {
+    realm.scheme() == "https" || base.scheme() == "http"
 }
 
 /// Reads a body, failing once it passes `limit` bytes (without trusting Content-Length).
-async fn read_limited(resp: Response, limit: usize, upstream: &str) -> Result<Bytes, UpstreamError> {
+pub(super) async fn read_limited(
+    resp: Response,
+    limit: usize,
+    upstream: &str,
+) -> Result<Bytes, UpstreamError> {
     let mut out = BytesMut::new();
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
@@ -432,13 +420,92 @@ mod tests {
     use super::*;
 
     #[test]
-    fn link_header_next_target() {
-        assert_eq!(
-            next_link(r#"</v2/a/tags/list?n=2&last=b>; rel="next""#).as_deref(),
-            Some("/v2/a/tags/list?n=2&last=b")
-        );
-        assert_eq!(next_link(r#"<http://x/y>; rel="prev""#), None);
-        assert_eq!(next_link("garbage"), None);
+    fn the_password_goes_over_http_only_for_an_http_upstream() {
+        let url = |s: &str| Url::parse(s).unwrap();
+        let https = url("https://registry.example");
+        let http = url("http://registry.internal:5000");
+        assert!(may_send_password(&https, &url("https://auth.example/token")));
+        assert!(!may_send_password(&https, &url("http://auth.example/token")));
+        assert!(!may_send_password(&https, &url("http://registry.example/token")));
+        assert!(may_send_password(&http, &url("http://auth.internal/token")));
+        assert!(may_send_password(&http, &url("https://auth.example/token")));
+    }
+
+    fn config(url: &str) -> UpstreamConfig {
+        UpstreamConfig {
+            name: "m".into(),
+            url: url.into(),
+            default: true,
+            username: Some("user".into()),
+            password: Some(Secret::new("pass")),
+            password_file: None,
+            ttl: None,
+        }
+    }
+
+    /// Answers one request on 127.0.0.1 with a token; yields the `Authorization` it got.
+    async fn token_realm() -> (String, tokio::task::JoinHandle<Option<String>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let realm = format!("http://{}/token", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                conn.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            let body = r#"{"token":"t","expires_in":300}"#;
+            let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+            conn.write_all(answer.as_bytes()).await.unwrap();
+            String::from_utf8(head).unwrap().lines().find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("authorization")
+                    .then(|| value.trim().to_owned())
+            })
+        });
+        (realm, task)
+    }
+
+    #[tokio::test]
+    async fn an_https_upstream_never_sends_its_password_to_an_http_realm() {
+        let proxy = crate::config::load(None, Vec::new()).unwrap().proxy;
+        for (base, sent) in [
+            ("https://registry.invalid", None),
+            ("http://registry.invalid", Some("Basic dXNlcjpwYXNz")),
+        ] {
+            let upstream = Upstream::new(&config(base), &proxy).unwrap();
+            let (realm, got) = token_realm().await;
+            let (token, _) = upstream
+                .fetch_token(&realm, None, "repository:a:pull")
+                .await
+                .unwrap();
+            assert_eq!(token, "t");
+            assert_eq!(got.await.unwrap().as_deref(), sent, "{base}");
+        }
+    }
+
+    #[test]
+    fn requests_go_under_the_configured_path() {
+        let proxy = crate::config::load(None, Vec::new()).unwrap().proxy;
+        for (base, want) in [
+            ("https://host", "https://host/v2/a/b/tags/list?n=1"),
+            ("https://host/", "https://host/v2/a/b/tags/list?n=1"),
+            ("https://host/mirror", "https://host/mirror/v2/a/b/tags/list?n=1"),
+            (
+                "https://host:8443/x/y/",
+                "https://host:8443/x/y/v2/a/b/tags/list?n=1",
+            ),
+        ] {
+            let u = Upstream::new(&config(base), &proxy).unwrap();
+            assert_eq!(u.url("/v2/a/b/tags/list?n=1").unwrap().as_str(), want, "{base}");
+            assert!(u.is_own_origin(&u.url("/v2/").unwrap()));
+        }
+        let u = Upstream::new(&config("https://host"), &proxy).unwrap();
+        for other in ["http://host/v2/", "https://host:444/v2/", "https://other/v2/"] {
+            assert!(!u.is_own_origin(&Url::parse(other).unwrap()), "{other}");
+        }
     }
 
     #[test]
