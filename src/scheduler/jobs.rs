@@ -249,6 +249,7 @@ async fn cleanup(s: &Scheduler, job: &Job) -> Result<RunOutcome, String> {
         "deleted": outcome.deleted,
         "kept_moved": outcome.kept_moved,
         "kept_pulled": outcome.kept_pulled,
+        "kept_pinned": outcome.kept_pinned,
         "unlinked": outcome.unlinked,
     })))
 }
