@@ -4,6 +4,7 @@
 
 mod blobs;
 mod error;
+mod fill;
 mod listing;
 mod manifests;
 mod single_flight;
@@ -18,6 +19,7 @@ use crate::storage::BlobStore;
 use crate::upstream::{RouteError, Upstream, Upstreams};
 pub use blobs::{BlobResponse, ByteRange};
 pub use error::CacheError;
+pub use fill::BlobFill;
 use single_flight::SingleFlight;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -142,6 +144,11 @@ impl Cache {
 
     pub fn store(&self) -> &BlobStore {
         &self.store
+    }
+
+    /// Whether this cache may contact upstreams (`proxy.offline = false`).
+    pub fn offline(&self) -> bool {
+        self.settings.offline
     }
 
     /// Routes a client's repository name (and containerd's `ns`) to an upstream.

@@ -13,6 +13,7 @@ mod manifests;
 mod migrations;
 mod pins;
 mod pool;
+mod prefetch;
 mod purge;
 mod reconcile;
 mod repos;
