@@ -120,13 +120,7 @@ async fn pull_identical(host: &str, reference: &str, image: &Image, out: &Path, 
     args.extend_from_slice(global);
     let src = format!("docker://{host}/{reference}");
     let dst = format!("oci:{}:pulled", out.display());
-    args.extend_from_slice(&[
-        "copy",
-        "--src-tls-verify=false",
-        "--preserve-digests",
-        &src,
-        &dst,
-    ]);
+    args.extend_from_slice(&["copy", "--src-tls-verify=false", "--preserve-digests", &src, &dst]);
     skopeo(&args)
         .await
         .unwrap_or_else(|e| panic!("pulling {reference}: {e}"));
@@ -150,7 +144,12 @@ async fn a_prefetched_list_pulls_offline_with_identical_digests_and_a_second_run
     let app2 = Image::new("prefetch-app-2", &[4000], "2024-05-02T00:00:00Z");
     let tools: Vec<(&str, Image)> = ["v1.0", "v1.1", "v2.0"]
         .into_iter()
-        .map(|t| (t, Image::new(&format!("prefetch-tools-{t}"), &[2500], "2024-05-03T00:00:00Z")))
+        .map(|t| {
+            (
+                t,
+                Image::new(&format!("prefetch-tools-{t}"), &[2500], "2024-05-03T00:00:00Z"),
+            )
+        })
         .collect();
     let multi = Index::new("prefetch-multi", &["amd64", "arm64", "arm"]);
     push(&registry, w, "test/app", "1.0", &app1).await;
@@ -188,10 +187,20 @@ async fn a_prefetched_list_pulls_offline_with_identical_digests_and_a_second_run
     );
     let wanted: Vec<&Image> = vec![&app1, &app2, &tools[0].1, &tools[1].1, amd64, arm64];
     let blobs: u64 = wanted.iter().map(|i| i.blobs().count() as u64).sum();
-    let bytes: u64 = wanted.iter().flat_map(|i| i.blobs()).map(|b| b.len() as u64).sum();
+    let bytes: u64 = wanted
+        .iter()
+        .flat_map(|i| i.blobs())
+        .map(|b| b.len() as u64)
+        .sum();
     let planned = of_kind(&ev, "planned");
     assert_eq!(planned.len(), 1, "{ev:#?}");
-    assert_eq!((planned[0]["images"].as_u64(), planned[0]["blobs_to_fetch"].as_u64()), (Some(6), Some(blobs)));
+    assert_eq!(
+        (
+            planned[0]["images"].as_u64(),
+            planned[0]["blobs_to_fetch"].as_u64()
+        ),
+        (Some(6), Some(blobs))
+    );
     assert_eq!(planned[0]["bytes_to_fetch"], bytes);
     assert_eq!(of_kind(&ev, "blob").len() as u64, blobs);
     let mut images: Vec<&str> = of_kind(&ev, "image")
@@ -209,7 +218,10 @@ async fn a_prefetched_list_pulls_offline_with_identical_digests_and_a_second_run
         .find(|e| e["image"] == format!("{host}/test/multi:v1"))
         .unwrap();
     assert_eq!(multi_event["digest"], multi.manifest.digest);
-    assert_eq!(multi_event["platforms"], serde_json::json!(["linux/amd64", "linux/arm64/v8"]));
+    assert_eq!(
+        multi_event["platforms"],
+        serde_json::json!(["linux/amd64", "linux/arm64/v8"])
+    );
     let failed = of_kind(&ev, "failed");
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0]["image"], format!("{host}/test/app:missing"));
@@ -227,18 +239,38 @@ async fn a_prefetched_list_pulls_offline_with_identical_digests_and_a_second_run
     );
     // The filtered-out platform and the tag the regex does not match are not cached.
     assert_eq!(
-        count(&data_dir, &format!("SELECT count(*) FROM repo_manifests WHERE digest = '{}'", arm.manifest.digest)),
+        count(
+            &data_dir,
+            &format!(
+                "SELECT count(*) FROM repo_manifests WHERE digest = '{}'",
+                arm.manifest.digest
+            )
+        ),
         0
     );
     for b in arm.blobs() {
-        assert!(!blob_path(&data_dir, &b.digest).exists(), "arm blob {} stored", b.digest);
+        assert!(
+            !blob_path(&data_dir, &b.digest).exists(),
+            "arm blob {} stored",
+            b.digest
+        );
     }
-    assert_eq!(count(&data_dir, "SELECT count(*) FROM tags WHERE name = 'v2.0'"), 0);
+    assert_eq!(
+        count(&data_dir, "SELECT count(*) FROM tags WHERE name = 'v2.0'"),
+        0
+    );
     for b in wanted.iter().flat_map(|i| i.blobs()) {
-        assert!(blob_path(&data_dir, &b.digest).exists(), "blob {} stored", b.digest);
+        assert!(
+            blob_path(&data_dir, &b.digest).exists(),
+            "blob {} stored",
+            b.digest
+        );
     }
     assert!(
-        std::fs::read_dir(data_dir.join("cli-tmp")).unwrap().next().is_none(),
+        std::fs::read_dir(data_dir.join("cli-tmp"))
+            .unwrap()
+            .next()
+            .is_none(),
         "the run's temporary directory is gone"
     );
 
@@ -287,7 +319,14 @@ async fn a_prefetched_list_pulls_offline_with_identical_digests_and_a_second_run
     pull_identical(&edge, "test/app:2.0", &app2, &w.join("p/app2"), &[]).await;
     pull_identical(&edge, "test/tools:v1.0", &tools[0].1, &w.join("p/t10"), &[]).await;
     pull_identical(&edge, "test/tools:v1.1", &tools[1].1, &w.join("p/t11"), &[]).await;
-    pull_identical(&edge, "test/multi:v1", amd64, &w.join("p/amd64"), &["--override-arch", "amd64"]).await;
+    pull_identical(
+        &edge,
+        "test/multi:v1",
+        amd64,
+        &w.join("p/amd64"),
+        &["--override-arch", "amd64"],
+    )
+    .await;
     pull_identical(
         &edge,
         "test/multi:v1",
@@ -362,12 +401,18 @@ async fn a_prefetch_beside_a_running_server_on_s3_leaves_its_downloads_alone() {
     .await
     .ok();
     assert!(out.stdout.contains("2 fetched"), "{out:#?}");
-    assert!(marker.exists(), "the prefetch emptied the server's temporary directory");
+    assert!(
+        marker.exists(),
+        "the prefetch emptied the server's temporary directory"
+    );
     assert_eq!(
         count(&data_dir, "SELECT count(*) FROM blobs"),
         (image.blobs().count() + index.images.iter().map(|(_, i)| i.blobs().count()).sum::<usize>()) as i64
     );
-    let status = regcache(&["status", "--json", "--config", &cfg], &[]).await.ok().json();
+    let status = regcache(&["status", "--json", "--config", &cfg], &[])
+        .await
+        .ok()
+        .json();
     assert_eq!(status["tags"], 2);
 
     drop(registry);
@@ -399,7 +444,11 @@ async fn prefetch_lists_in_the_config_run_as_jobs_listed_by_the_cli_and_the_admi
     let w = work.path();
     let image = Image::new("prefetch-job", &[4000], "2024-05-05T00:00:00Z");
     push(&registry, w, "team/job", "v1", &image).await;
-    let good = common::binary::write(w, "good.toml", "[[image]]\nref = \"cncf/team/job:v1\"\npin = true\n");
+    let good = common::binary::write(
+        w,
+        "good.toml",
+        "[[image]]\nref = \"cncf/team/job:v1\"\npin = true\n",
+    );
     let bad = common::binary::write(w, "bad.toml", "[[image]]\nref = \"cncf/team/job:nope\"\n");
     let data_dir = w.join("data");
     let lists = format!(
@@ -420,19 +469,27 @@ async fn prefetch_lists_in_the_config_run_as_jobs_listed_by_the_cli_and_the_admi
     };
     wait_until_async("both prefetch jobs have ended", DEADLINE, || async {
         let j = jobs().await;
-        j.len() == 2 && j.iter().all(|j| j["state"] == "succeeded" || j["state"] == "failed")
+        j.len() == 2
+            && j.iter()
+                .all(|j| j["state"] == "succeeded" || j["state"] == "failed")
     })
     .await;
     let listed = jobs().await;
     let by_name = |n: &str| listed.iter().find(|j| j["args"]["name"] == n).cloned().unwrap();
     let good_job = by_name("good");
-    assert_eq!((good_job["kind"].as_str(), good_job["state"].as_str()), (Some("prefetch"), Some("succeeded")));
+    assert_eq!(
+        (good_job["kind"].as_str(), good_job["state"].as_str()),
+        (Some("prefetch"), Some("succeeded"))
+    );
     assert_eq!(good_job["result"]["images_fetched"], 1, "{good_job:#}");
     assert_eq!(good_job["result"]["blobs_fetched"], image.blobs().count());
     let bad_job = by_name("bad");
     assert_eq!(bad_job["state"], "failed");
     let error = bad_job["error"].as_str().unwrap();
-    assert!(error.contains("cncf/team/job:nope") && error.contains("not found upstream"), "{error}");
+    assert!(
+        error.contains("cncf/team/job:nope") && error.contains("not found upstream"),
+        "{error}"
+    );
     // The admin API lists the same jobs.
     let api: Vec<Value> = reqwest::Client::new()
         .get(format!("{}/api/v1/jobs", server.base))
@@ -446,7 +503,13 @@ async fn prefetch_lists_in_the_config_run_as_jobs_listed_by_the_cli_and_the_admi
     let api_kinds: Vec<&str> = api.iter().map(|j| j["kind"].as_str().unwrap()).collect();
     assert_eq!(api_kinds, ["prefetch", "prefetch"]);
     // The image is cached and pinned, as the list says.
-    assert_eq!(count(&data_dir, "SELECT count(*) FROM tags WHERE name = 'v1' AND pinned = 1"), 1);
+    assert_eq!(
+        count(
+            &data_dir,
+            "SELECT count(*) FROM tags WHERE name = 'v1' AND pinned = 1"
+        ),
+        1
+    );
     for b in image.blobs() {
         assert!(blob_path(&data_dir, &b.digest).exists());
     }
