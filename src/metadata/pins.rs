@@ -413,6 +413,18 @@ mod tests {
         );
         assert!(meta.pins().await.unwrap()[0].cached);
 
+        // A ttl change applied at start-up (I6) reschedules ordinary rows only.
+        meta.apply_settings(
+            crate::metadata::AppliedSettings {
+                ttls: vec![("hub".into(), 200)],
+                delete_enabled: true,
+            },
+            1050,
+        )
+        .await
+        .unwrap();
+        let f = flags(&meta).await;
+        assert!(f.iter().all(|r| (r.1 == 1) == r.2.is_none()), "after a ttl change: {f:?}");
         // A use does not give a pinned row a due time back.
         meta.record_uses(vec![(crate::metadata::Use::Tag(key(), "v1".into()), 1100)])
             .await
@@ -435,7 +447,7 @@ mod tests {
         for (row, pinned, expires) in flags(&meta).await {
             assert_eq!(pinned, 0, "{row}");
             if ["tags:v1", "repo_manifests:sha256:a", "repo_blobs:sha256:ca"].contains(&row.as_str()) {
-                assert_eq!(expires, Some(2100), "{row}: due at now + ttl");
+                assert_eq!(expires, Some(2200), "{row}: due at now + ttl");
             }
         }
         assert!(!meta.unpin(&key(), "v1", 2000).await.unwrap().existed);
