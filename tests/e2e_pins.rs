@@ -178,6 +178,26 @@ async fn pinned_images_survive_ttl_expiry_and_once_unpinned_expire_at_now_plus_t
     assert!(out.stdout.contains("not cached yet"), "{out:#?}");
     s.prefetch(&[("a", true), ("b", false)]).await;
     skopeo_pull(&s.server.base, "test/c", s.image("c"), &s.work.path().join("c")).await;
+    // Pulled again from the cache, a second later: that pull records uses, flushed every
+    // few seconds, and a use must not give a pinned entry a due time again.
+    let cached = now_secs();
+    wait_until_async("a second has passed", DEADLINE, || async { now_secs() > cached }).await;
+    let pulled = now_secs();
+    skopeo_pull(&s.server.base, "test/c", s.image("c"), &s.work.path().join("c2")).await;
+    wait_until_async("the second pull's uses are recorded", DEADLINE, || async {
+        s.tags("c") == 0
+            || count(
+                &s.data_dir,
+                "SELECT coalesce(min(t.last_used_at), 0) FROM tags t JOIN repositories r ON r.id = t.repo_id
+              WHERE r.name = 'test/c'",
+            ) >= pulled
+    })
+    .await;
+    assert_eq!(
+        s.tags("c"),
+        1,
+        "a use gave the pinned image a due time again, and it expired"
+    );
 
     wait_until_async(
         "the unpinned image expired and was collected",
@@ -296,6 +316,11 @@ async fn pinned_images_are_never_evicted_and_once_unpinned_are() {
     s.prefetch(&[("a", true)]).await;
     s.prefetch(&[("b", false)]).await;
     // Over the bound: the least recently used blobs go, except the pinned ones (a is older).
+    wait_until_async("an eviction", DEADLINE, || async {
+        s.evicted("a") || s.evicted("b")
+    })
+    .await;
+    assert!(s.stored("a") && s.tags("a") == 1, "a pinned image was evicted");
     wait_until_async("the unpinned image was evicted", DEADLINE, || async {
         s.gone("b")
     })

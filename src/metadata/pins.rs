@@ -424,7 +424,10 @@ mod tests {
         .await
         .unwrap();
         let f = flags(&meta).await;
-        assert!(f.iter().all(|r| (r.1 == 1) == r.2.is_none()), "after a ttl change: {f:?}");
+        assert!(
+            f.iter().all(|r| (r.1 == 1) == r.2.is_none()),
+            "after a ttl change: {f:?}"
+        );
         // A use does not give a pinned row a due time back.
         meta.record_uses(vec![(crate::metadata::Use::Tag(key(), "v1".into()), 1100)])
             .await
@@ -495,5 +498,54 @@ mod tests {
             .iter()
             .any(|r| r.0 == "repo_manifests:sha256:m1" && r.1 == 1 && r.2.is_none()));
         assert!(f.iter().any(|r| r.0 == "repo_blobs:sha256:c1" && r.1 == 1));
+    }
+
+    /// Compare-and-delete keeps a tag pinned after its evaluation, and a cleanup that
+    /// deletes the tag of a digest-pinned manifest leaves the manifest and its blobs.
+    #[tokio::test]
+    async fn cleanup_never_deletes_a_pinned_tag_nor_unlinks_a_pinned_manifest() {
+        let (_dir, meta) = open().await;
+        meta.store_manifest(
+            &key(),
+            Some("v1".into()),
+            image("sha256:m1", &["sha256:c1"]),
+            1001,
+        )
+        .await
+        .unwrap();
+        meta.store_manifest(&key(), Some("x".into()), image("sha256:m2", &["sha256:c2"]), 1001)
+            .await
+            .unwrap();
+        commit(&meta, "sha256:c1", 1001).await;
+        commit(&meta, "sha256:c2", 1001).await;
+        meta.pin(&key(), "v1", 1002).await.unwrap();
+        meta.pin(&key(), "sha256:m2", 1002).await.unwrap();
+        let (job, _) = meta
+            .enqueue_job("cleanup", serde_json::json!({}), None, 5, 1003)
+            .await
+            .unwrap();
+        let tags = vec![
+            ("v1".to_owned(), "sha256:m1".to_owned()),
+            ("x".to_owned(), "sha256:m2".to_owned()),
+        ];
+        let out = meta
+            .delete_tags_if_unchanged(job, &key(), tags, 2000, 2001)
+            .await
+            .unwrap();
+        assert_eq!(out.kept_pinned, ["v1"]);
+        assert_eq!(out.deleted, ["x"]);
+        assert_eq!((out.unlinked.manifests, out.unlinked.blob_links), (0, 0));
+        let f = flags(&meta).await;
+        for row in [
+            "tags:v1",
+            "repo_manifests:sha256:m1",
+            "repo_manifests:sha256:m2",
+            "repo_blobs:sha256:c2",
+        ] {
+            assert!(
+                f.iter().any(|r| r.0 == row && r.1 == 1),
+                "{row} kept pinned: {f:?}"
+            );
+        }
     }
 }
