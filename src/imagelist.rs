@@ -464,6 +464,17 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_list_parses() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/images.example.toml"));
+        let list = load(path).unwrap();
+        assert_eq!(list.len(), 4);
+        assert!(list[0].pin && list[0].platforms.len() == 2);
+        assert_eq!(list[1].select.tags[0].as_str(), "1.36");
+        assert!(list[2].select.tag_regex.is_some());
+        assert!(list[3].select.digest.is_some());
+    }
+
+    #[test]
     fn references_split_on_the_last_segment() {
         assert_eq!(split_reference("h:5000/a/b").unwrap(), ("h:5000/a/b", None, None));
         assert_eq!(
