@@ -465,7 +465,10 @@ mod tests {
 
     #[test]
     fn the_shipped_example_list_parses() {
-        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/images.example.toml"));
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/images.example.toml"
+        ));
         let list = load(path).unwrap();
         assert_eq!(list.len(), 4);
         assert!(list[0].pin && list[0].platforms.len() == 2);

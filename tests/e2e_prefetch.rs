@@ -514,3 +514,51 @@ async fn prefetch_lists_in_the_config_run_as_jobs_listed_by_the_cli_and_the_admi
         assert!(blob_path(&data_dir, &b.digest).exists());
     }
 }
+
+#[tokio::test]
+async fn bad_input_is_refused_naming_the_key_and_changes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let data_dir = w.join("data");
+    let good = common::binary::write(
+        w,
+        "good.toml",
+        "[[image]]\nref = \"docker.io/library/alpine:3.20\"\n",
+    );
+    let bad = common::binary::write(
+        w,
+        "bad.toml",
+        "[[image]]\nref = \"docker.io/a\"\ntags = [\"ok\", \"-bad\"]\n",
+    );
+    let cfg = |extra: &str, name: &str| {
+        common::binary::write(w, name, &config(0, &data_dir, "http://127.0.0.1:9", extra))
+    };
+    let plain = cfg("", "plain.toml");
+    regcache(&["prefetch", "--config", &plain, &bad], &[])
+        .await
+        .assert_failure_naming(&["`image[0].tags[1]`", "bad.toml"]);
+    let offline = cfg("[proxy]\noffline = true\n", "offline.toml");
+    regcache(&["prefetch", "--config", &offline, &good], &[])
+        .await
+        .assert_failure_naming(&["proxy.offline"]);
+    let memory = cfg("[storage]\nbackend = \"memory\"\n", "memory.toml");
+    regcache(&["prefetch", "--config", &memory, &good], &[])
+        .await
+        .assert_failure_naming(&["storage.backend", "[[prefetch]]"]);
+    assert!(!data_dir.exists(), "a refused prefetch created the data dir");
+    let listed = cfg(&format!("[[prefetch]]\nlist = \"{bad}\"\n"), "listed.toml");
+    regcache(&["check-config", "--config", &listed], &[])
+        .await
+        .assert_failure_naming(&["prefetch[0].list", "`image[0].tags[1]`"]);
+    regcache(&["serve", "--config", &listed], &[])
+        .await
+        .assert_failure_naming(&["prefetch[0].list", "`image[0].tags[1]`"]);
+    for bad_ref in ["alpine:3", "docker.io/library/alpine", "quay.io/a:b"] {
+        let out = regcache(&["pin", "--config", &plain, bad_ref], &[]).await;
+        assert!(!out.status.success(), "{bad_ref}: {out:#?}");
+        assert!(
+            out.stderr.contains(bad_ref) || out.stderr.contains("image reference"),
+            "{out:#?}"
+        );
+    }
+}

@@ -149,12 +149,8 @@ struct CliReporter {
 impl CliReporter {
     fn new(json: bool) -> Self {
         let bar = (!json && std::io::stderr().is_terminal()).then(|| {
-            let b = indicatif::ProgressBar::new(0);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-            ) {
-                b.set_style(style.progress_chars("=> "));
-            }
+            // A spinner while images are resolved; the bar once the bytes to fetch are known.
+            let b = indicatif::ProgressBar::new_spinner();
             b.set_message("resolving images");
             b.enable_steady_tick(Duration::from_millis(200));
             b
@@ -176,8 +172,9 @@ impl CliReporter {
 
     fn image_finished(&self) {
         let done = self.done.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Some(b) = &self.bar {
-            b.set_message(format!("images {done}/{}", self.images.load(Ordering::Relaxed)));
+        let images = self.images.load(Ordering::Relaxed);
+        if let (Some(b), true) = (&self.bar, images > 0) {
+            b.set_message(format!("images {done}/{images}"));
         }
     }
 
@@ -205,8 +202,15 @@ impl Reporter for CliReporter {
             } => {
                 self.images.store(*images, Ordering::Relaxed);
                 if let Some(b) = &self.bar {
+                    if let Ok(style) = indicatif::ProgressStyle::with_template(
+                        "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                    ) {
+                        b.set_style(style.progress_chars("=> "));
+                    }
                     b.set_length(*bytes_to_fetch);
-                    b.set_message(format!("images 0/{images}"));
+                    // Images that failed while resolving are done already.
+                    let done = self.done.load(Ordering::Relaxed);
+                    b.set_message(format!("images {done}/{images}"));
                 }
             }
             Event::Image(d) => {
