@@ -5,6 +5,7 @@
 mod active;
 mod blobs;
 mod error;
+mod fill;
 mod listing;
 mod manifests;
 mod single_flight;
@@ -19,6 +20,7 @@ use crate::upstream::{RouteError, Upstream, Upstreams};
 pub use active::{ActiveBlobs, ActiveGuard};
 pub use blobs::{BlobResponse, ByteRange};
 pub use error::{new_error_id, panic_message, CacheError};
+pub use fill::BlobFill;
 use single_flight::SingleFlight;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -147,6 +149,11 @@ impl Cache {
 
     pub fn store(&self) -> &BlobStore {
         &self.store
+    }
+
+    /// Whether this cache may contact upstreams (`proxy.offline = false`).
+    pub fn offline(&self) -> bool {
+        self.settings.offline
     }
 
     /// Routes a client's repository name (and containerd's `ns`) to an upstream.

@@ -3,6 +3,8 @@
 mod admin_ops;
 mod format;
 mod ops;
+mod pins;
+mod prefetch;
 
 use crate::config::{self, Config};
 use anyhow::Context;
@@ -97,6 +99,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fill the cache with the images an image list names (see README "Prefetch"), through
+    /// the same verified path as a pull, skipping what is cached and current. Works beside
+    /// a running server or without one; exits non-zero if any image failed.
+    Prefetch {
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        /// The image list file (TOML).
+        list: PathBuf,
+        /// One JSON line per event instead of a progress bar.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pin an image (HOST/REPO:TAG or HOST/REPO@DIGEST): exempt from ttl expiry, size
+    /// eviction and cleanup policies, cached or not yet. Without REF, list the pins.
+    Pin {
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        reference: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unpin an image: its entries become ordinary again, due at now + ttl.
+    Unpin {
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        reference: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,6 +154,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig { config } => {
             let c = load(config.as_deref())?;
+            for (i, p) in c.prefetch.iter().enumerate() {
+                crate::imagelist::load(&p.list)
+                    .with_context(|| format!("config key `prefetch[{i}].list`"))?;
+            }
             print!(
                 "{}",
                 toml::to_string_pretty(&c).context("printing the configuration")?
@@ -176,6 +211,30 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let c = load(config.as_deref())?;
             runtime()?.block_on(admin_ops::cleanup_run(&c, dry_run, json))
+        }
+        Command::Prefetch { config, list, json } => {
+            let c = load(config.as_deref())?;
+            init_logging(&config::LogConfig {
+                level: "warn".into(),
+                ..c.log.clone()
+            })?;
+            runtime()?.block_on(prefetch::prefetch(&c, &list, json))
+        }
+        Command::Pin {
+            config,
+            reference,
+            json,
+        } => {
+            let c = load(config.as_deref())?;
+            runtime()?.block_on(pins::pin(&c, reference.as_deref(), json))
+        }
+        Command::Unpin {
+            config,
+            reference,
+            json,
+        } => {
+            let c = load(config.as_deref())?;
+            runtime()?.block_on(pins::unpin(&c, &reference, json))
         }
         Command::Serve { config } => {
             let c = load(config.as_deref())?;

@@ -13,6 +13,7 @@ pub mod glob;
 pub mod imagelist;
 pub mod metadata;
 pub mod oci;
+pub mod prefetch;
 pub mod registry;
 pub mod scheduler;
 pub mod server;

@@ -94,7 +94,7 @@ impl Scheduler {
     }
 
     /// Sleeps `d`, or returns `true` at once when shutting down.
-    async fn pause(&self, d: Duration) -> bool {
+    pub async fn pause(&self, d: Duration) -> bool {
         tokio::select! {
             () = tokio::time::sleep(d) => false,
             () = self.shutdown.cancelled() => true,

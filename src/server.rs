@@ -42,6 +42,12 @@ pub enum ServerError {
     },
     #[error("server task failed: {0}")]
     Task(String),
+    #[error("config key `prefetch[{index}].list`: {source}")]
+    PrefetchList {
+        index: usize,
+        #[source]
+        source: crate::imagelist::ImageListError,
+    },
 }
 
 /// A started server. Dropping it does not stop it; call [`RunningServer::stop`].
@@ -68,6 +74,10 @@ pub async fn start_with_store(
     config: Config,
     store: Option<crate::storage::BlobStore>,
 ) -> Result<RunningServer, ServerError> {
+    // Prefetch lists are read again when their jobs run; a bad one is refused up front.
+    for (index, p) in config.prefetch.iter().enumerate() {
+        crate::imagelist::load(&p.list).map_err(|source| ServerError::PrefetchList { index, source })?;
+    }
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.display().to_string(),
@@ -125,7 +135,7 @@ pub async fn start_with_store(
         source,
     })?;
     tasks.spawn(cache.clone().run_background());
-    Scheduler {
+    let scheduler = Scheduler {
         meta,
         store,
         settings: SchedulerSettings::from_config(&config),
@@ -136,8 +146,9 @@ pub async fn start_with_store(
         jobs_due,
         uses: Some(uses),
         shutdown: shutdown.clone(),
-    }
-    .spawn(&tasks);
+    };
+    crate::prefetch::spawn_jobs(&scheduler, cache.clone(), config.prefetch.clone(), &tasks);
+    scheduler.spawn(&tasks);
     let registry = crate::registry::router(cache.clone());
     let app = match &config.admin.listen {
         None => registry.merge(admin),

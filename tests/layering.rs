@@ -13,6 +13,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("oci", &[]),
     ("glob", &[]),
     ("fault", &[]),
+    ("imagelist", &["oci"]),
     ("config", &["oci", "glob"]),
     ("metadata", &["oci", "config"]),
     ("storage", &["oci", "config"]),
@@ -24,6 +25,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "scheduler",
         &["cache", "metadata", "storage", "oci", "config", "glob", "fault"],
+    ),
+    (
+        "prefetch",
+        &["scheduler", "cache", "metadata", "imagelist", "oci", "config"],
     ),
     ("registry", &["cache", "upstream", "oci", "config", "fault"]),
     ("admin", &["metadata", "upstream", "oci", "config"]),

@@ -149,17 +149,18 @@ pub(super) async fn repos(config: &Config, name: Option<&str>, json: bool) -> an
             bytes(s.bytes)
         );
         println!(
-            "  {:<30} {:<73} {:>10} {:>12} {:>12}",
-            "tag", "digest", "size", "created", "last pulled"
+            "  {:<30} {:<73} {:>10} {:>12} {:>12} {:>6}",
+            "tag", "digest", "size", "created", "last pulled", "pinned"
         );
         for t in &detail.tags {
             println!(
-                "  {:<30} {:<73} {:>10} {:>12} {:>12}",
+                "  {:<30} {:<73} {:>10} {:>12} {:>12} {:>6}",
                 t.name,
                 t.digest,
                 bytes(t.size),
                 time(t.created),
-                t.last_pulled
+                t.last_pulled,
+                if t.pinned { "yes" } else { "" }
             );
         }
         return Ok(());
@@ -170,18 +171,19 @@ pub(super) async fn repos(config: &Config, name: Option<&str>, json: bool) -> an
         return Ok(());
     }
     println!(
-        "{:<50} {:<17} {:>6} {:>6} {:>10} {:>12}",
-        "repository", "state", "tags", "blobs", "bytes", "last pulled"
+        "{:<50} {:<17} {:>6} {:>6} {:>10} {:>12} {:>6}",
+        "repository", "state", "tags", "blobs", "bytes", "last pulled", "pinned"
     );
     for r in &repos {
         println!(
-            "{:<50} {:<17} {:>6} {:>6} {:>10} {:>12}",
+            "{:<50} {:<17} {:>6} {:>6} {:>10} {:>12} {:>6}",
             format!("{}/{}", r.upstream, r.name),
             r.state,
             r.tag_count,
             r.blob_count,
             bytes(r.bytes),
-            r.last_pulled
+            r.last_pulled,
+            r.pinned_tags
         );
     }
     Ok(())

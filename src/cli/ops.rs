@@ -62,6 +62,15 @@ pub(super) async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     }
     println!("open uploads        {}", s.open_uploads);
     println!(
+        "pins                {} ({} not cached yet): {} tags, {} manifests, {} blobs ({}) pinned",
+        s.pins,
+        s.pins_not_cached,
+        s.pinned_tags,
+        s.pinned_manifests,
+        s.pinned_blobs.count,
+        bytes(s.pinned_blobs.bytes)
+    );
+    println!(
         "applied settings    storage.delete.enabled = {}",
         s.delete_enabled
     );

@@ -226,6 +226,49 @@ mod tests {
     }
 
     #[test]
+    fn upstream_ns_and_prefetch_lists_are_validated() {
+        let f = toml_file("[[upstream]]\nname = \"a\"\nurl = \"http://a\"\nns = \"Docker.IO\"\n");
+        assert_eq!(
+            load(Some(f.path()), env(&[])).unwrap().upstream[0].ns.as_deref(),
+            Some("docker.io")
+        );
+        for bad in ["", "a/b", "x?y", "a b"] {
+            let f = toml_file(&format!(
+                "[[upstream]]\nname = \"a\"\nurl = \"http://a\"\nns = {bad:?}\n"
+            ));
+            assert_eq!(
+                err_key(load(Some(f.path()), env(&[])).unwrap_err()),
+                "upstream[0].ns",
+                "{bad:?}"
+            );
+        }
+        let f = toml_file(
+            "[[prefetch]]\nlist = \"/l.toml\"\n[[prefetch]]\nlist = \"/m.toml\"\ncadence = \"6h\"\n",
+        );
+        let c = load(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(c.prefetch[0].name, "prefetch-0");
+        assert_eq!(c.prefetch[0].cadence.as_secs(), 86_400);
+        assert_eq!(c.prefetch[1].cadence.as_secs(), 6 * 3600);
+        let f = toml_file("[[prefetch]]\nlist = \"/l.toml\"\ncadence = \"0\"\n");
+        assert_eq!(
+            err_key(load(Some(f.path()), env(&[])).unwrap_err()),
+            "prefetch[0].cadence"
+        );
+        let f = toml_file(
+            "[[prefetch]]\nname = \"a\"\nlist = \"/l\"\n[[prefetch]]\nname = \"a\"\nlist = \"/m\"\n",
+        );
+        assert_eq!(
+            err_key(load(Some(f.path()), env(&[])).unwrap_err()),
+            "prefetch[1].name"
+        );
+        let f = toml_file("[[prefetch]]\ncadence = \"1h\"\n");
+        assert!(load(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string()
+            .contains("list"));
+    }
+
+    #[test]
     fn password_file_is_read_and_redacted() {
         let secret = toml_file("s3cr3t\n");
         let f = toml_file(&format!(
@@ -318,6 +361,8 @@ mod tests {
             "name_regex_delete",
             "name_regex_keep",
             "cadence",
+            "ns",
+            "list",
         ];
         for key in keys {
             assert!(

@@ -34,7 +34,31 @@ pub(super) fn validate(config: &mut Config) -> Result<(), ConfigError> {
     validate_storage(config)?;
     validate_admin(config)?;
     validate_jobs(config)?;
+    validate_prefetch(config)?;
     validate_upstreams(&mut config.upstream)
+}
+
+fn validate_prefetch(config: &mut Config) -> Result<(), ConfigError> {
+    let mut names = std::collections::HashSet::new();
+    for (i, p) in config.prefetch.iter_mut().enumerate() {
+        let key = |field: &str| format!("prefetch[{i}].{field}");
+        if p.name.is_empty() {
+            p.name = format!("prefetch-{i}");
+        }
+        if !names.insert(p.name.clone()) {
+            return Err(invalid(
+                key("name"),
+                format!("{:?} is used by two prefetch lists", p.name),
+            ));
+        }
+        if p.list.as_os_str().is_empty() {
+            return Err(invalid(key("list"), "must name an image list file"));
+        }
+        if p.cadence.is_zero() {
+            return Err(invalid(key("cadence"), "must be greater than 0"));
+        }
+    }
+    Ok(())
 }
 
 fn validate_admin(config: &mut Config) -> Result<(), ConfigError> {
@@ -213,6 +237,7 @@ fn validate_upstreams(upstreams: &mut Vec<UpstreamConfig>) -> Result<(), ConfigE
             password: None,
             password_file: None,
             ttl: None,
+            ns: None,
         });
     }
     let mut names = std::collections::HashSet::new();
@@ -241,6 +266,10 @@ fn validate_upstreams(upstreams: &mut Vec<UpstreamConfig>) -> Result<(), ConfigE
         if u.password.is_some() && u.username.is_none() {
             return Err(invalid(key("username"), "a password needs a username"));
         }
+        if let Some(ns) = &mut u.ns {
+            *ns = ns.to_ascii_lowercase();
+            check_ns(&key("ns"), ns)?;
+        }
     }
     match upstreams.iter().filter(|u| u.default).count() {
         0 if upstreams.len() == 1 => upstreams[0].default = true,
@@ -252,6 +281,23 @@ fn validate_upstreams(upstreams: &mut Vec<UpstreamConfig>) -> Result<(), ConfigE
                 "only one upstream may be the default",
             ));
         }
+    }
+    Ok(())
+}
+
+/// A registry host (`docker.io`, `ghcr.io`, `registry.local:5000`) or upstream name, as
+/// containerd sends it in `ns`: nothing that would need escaping in a query.
+fn check_ns(key: &str, ns: &str) -> Result<(), ConfigError> {
+    let ok = !ns.is_empty()
+        && ns.len() <= 255
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'));
+    if !ok {
+        return Err(invalid(
+            key,
+            format!("{ns:?} must be a registry host such as \"docker.io\" or \"registry.local:5000\""),
+        ));
     }
     Ok(())
 }

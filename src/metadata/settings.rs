@@ -115,7 +115,7 @@ fn apply(tx: &Transaction<'_>, s: &AppliedSettings, now: i64) -> Result<Settings
             for table in ENTRY_TABLES {
                 let sql = format!(
                     "UPDATE {table} SET expires_at = {expires}
-                      WHERE deferred = 0 AND repo_id IN (SELECT id FROM repositories WHERE upstream = ?1)"
+                      WHERE deferred = 0 AND pinned = 0 AND repo_id IN (SELECT id FROM repositories WHERE upstream = ?1)"
                 );
                 n += if uses_now {
                     tx.execute(&sql, params![upstream, now])?

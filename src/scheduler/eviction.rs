@@ -56,5 +56,12 @@ pub(super) async fn evict_over_bound(
         .meta
         .evict_lru(stored - low, s.active.snapshot(), now_secs())
         .await?;
+    if queued == 0 {
+        tracing::warn!(
+            stored_bytes = stored,
+            max_size_bytes = high,
+            "over storage.max_size but nothing can be evicted: what is stored is pinned or being served"
+        );
+    }
     Ok(queued)
 }

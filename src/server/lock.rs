@@ -4,8 +4,9 @@
 //! intents and delete claims at start-up (I2, I3); it refuses to start instead, naming the
 //! holder's pid. The lock is `flock`, which the kernel drops when the holder exits, even
 //! by SIGKILL, so a crash never blocks a restart. CLI commands that work beside a running
-//! server (status, jobs, purge, repos, delete-repo, cleanup, fsck) take no lock: SQLite
-//! arbitrates their writes, and fsck only touches what the server leaves alone.
+//! server (status, jobs, purge, repos, delete-repo, cleanup, fsck, prefetch, pin, unpin)
+//! take no lock: SQLite arbitrates their writes, fsck only touches what the server leaves
+//! alone, and prefetch downloads into its own temporary directory.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};

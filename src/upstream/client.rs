@@ -54,6 +54,9 @@ pub struct Upstream {
     tokens: Mutex<TokenCache>,
     /// The upstream asked for Basic auth once: send it up front from then on.
     basic: AtomicBool,
+    /// Sent as `?ns=` on every request: this upstream is a mirror of that registry (a
+    /// chained regcache).
+    ns: Option<String>,
 }
 
 fn is_docker_hub_host(host: &str) -> bool {
@@ -89,7 +92,9 @@ impl Upstream {
         };
         Ok(Self {
             name: config.name.clone(),
-            docker_hub: is_docker_hub_host(&host_name),
+            // A mirror asked for Docker Hub names Docker Hub's way (`library/alpine`).
+            docker_hub: is_docker_hub_host(&host_name)
+                || config.ns.as_deref().is_some_and(is_docker_hub_host),
             host,
             base,
             default: config.default,
@@ -97,7 +102,19 @@ impl Upstream {
             http,
             tokens: Mutex::new(TokenCache::default()),
             basic: AtomicBool::new(false),
+            ns: config.ns.clone(),
         })
+    }
+
+    /// `url` with this upstream's `ns` added, unless it has one (a `Link` of a chained
+    /// regcache does not carry it, so every page gets it here).
+    fn with_ns(&self, mut url: Url) -> Url {
+        if let Some(ns) = &self.ns {
+            if !url.query_pairs().any(|(k, _)| k == "ns") {
+                url.query_pairs_mut().append_pair("ns", ns);
+            }
+        }
+        url
     }
 
     /// `path` (`/v2/…`) on this upstream, after the configured URL's own path: an upstream
@@ -139,6 +156,7 @@ impl Upstream {
             });
         }
         let scope = format!("repository:{repo}:pull");
+        let url = self.with_ns(url);
         for attempt in 0..2 {
             let mut req = self.http.request(method.clone(), url.clone());
             if let Some(a) = accept {
@@ -440,6 +458,7 @@ mod tests {
             password: Some(Secret::new("pass")),
             password_file: None,
             ttl: None,
+            ns: None,
         }
     }
 
@@ -506,6 +525,42 @@ mod tests {
         for other in ["http://host/v2/", "https://host:444/v2/", "https://other/v2/"] {
             assert!(!u.is_own_origin(&Url::parse(other).unwrap()), "{other}");
         }
+    }
+
+    fn upstream(ns: Option<&str>) -> Upstream {
+        let config = UpstreamConfig {
+            name: "regional".into(),
+            url: "http://regional.local:5000".into(),
+            default: true,
+            username: None,
+            password: None,
+            password_file: None,
+            ttl: None,
+            ns: ns.map(str::to_owned),
+        };
+        Upstream::new(&config, &ProxyConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn ns_is_added_once_to_every_url_and_docker_io_gives_hub_naming() {
+        let u = upstream(Some("docker.io"));
+        assert!(
+            u.docker_hub,
+            "ns = docker.io names repositories as Docker Hub does"
+        );
+        let page = u.url("/v2/library/alpine/tags/list?n=1000").unwrap();
+        assert_eq!(
+            u.with_ns(page).as_str(),
+            "http://regional.local:5000/v2/library/alpine/tags/list?n=1000&ns=docker.io"
+        );
+        let blob = u.with_ns(u.url("/v2/a/blobs/sha256:x").unwrap());
+        assert_eq!(blob.query(), Some("ns=docker.io"));
+        assert_eq!(u.with_ns(blob.clone()), blob, "never twice");
+        let plain = upstream(None);
+        assert!(!plain.docker_hub);
+        let url = plain.url("/v2/a/manifests/v1").unwrap();
+        assert_eq!(plain.with_ns(url.clone()), url);
+        assert!(!upstream(Some("ghcr.io")).docker_hub);
     }
 
     #[test]
