@@ -237,6 +237,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The error and its causes on one line, each said once: a layer's message often already
+/// ends with its source's text (thiserror's `{source}`), which `{:#}` would print again
+/// (`Permission denied (os error 13): Permission denied (os error 13)`).
+pub fn error_message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     let server = crate::server::start(config).await?;
     wait_for_signal().await?;
@@ -275,4 +293,30 @@ fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {
         builder.init();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("data directory /srv/cache: {source}")]
+    struct Layer {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_is_said_once() {
+        let io = std::io::Error::from_raw_os_error(13);
+        let e = anyhow::Error::new(Layer { source: io }).context("starting the server");
+        let text = error_message(&e);
+        assert_eq!(text.matches("os error 13").count(), 1, "{text}");
+        assert!(
+            text.starts_with("starting the server: data directory /srv/cache: "),
+            "{text}"
+        );
+        // Causes that add something are kept.
+        let e = anyhow::anyhow!("inner").context("middle").context("outer");
+        assert_eq!(error_message(&e), "outer: middle: inner");
+    }
 }
