@@ -156,24 +156,41 @@ enum CleanupCommand {
     },
 }
 
-fn load(arg: &ConfigArg) -> anyhow::Result<Config> {
-    // `REGCACHE_CONFIG` names the file (clap reads it above); it is not a config key.
-    let env = std::env::vars().filter(|(k, _)| k != "REGCACHE_CONFIG");
-    config::load(arg.config.as_deref(), env).context("invalid configuration")
+fn load(arg: &ConfigArg) -> anyhow::Result<config::Loaded> {
+    config::load_report(arg.config.as_deref(), std::env::vars()).context("invalid configuration")
+}
+
+/// The data dir must be usable before anything is started (and `check-config` says so).
+fn check_data_dir(loaded: &config::Loaded) -> anyhow::Result<()> {
+    config::check_data_dir(&loaded.config).map_err(|e| anyhow::Error::new(loaded.explain(e)))
+}
+
+/// Once logging is on: the `REGCACHE_*` variables the config left out.
+fn log_ignored_env(loaded: &config::Loaded) {
+    for var in &loaded.ignored_env {
+        tracing::debug!(
+            env.var = %var,
+            "ignored environment variable: it names no config section (Kubernetes sets such \
+             variables for a Service named regcache)"
+        );
+    }
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig { config } => {
-            let c = load(&config)?;
+            let loaded = load(&config)?;
+            init_logging(&loaded.config.log)?;
+            log_ignored_env(&loaded);
+            check_data_dir(&loaded)?;
             print!(
                 "{}",
-                toml::to_string_pretty(&c).context("printing the configuration")?
+                toml::to_string_pretty(&loaded.config).context("printing the configuration")?
             );
             Ok(())
         }
         Command::Status { config, json } => {
-            let c = load(&config)?;
+            let c = load(&config)?.config;
             runtime()?.block_on(ops::status(&c, json.json))
         }
         Command::Fsck {
@@ -182,7 +199,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             verify,
             json,
         } => {
-            let c = load(&config)?;
+            let c = load(&config)?.config;
             init_logging(&config::LogConfig {
                 level: "warn".into(),
                 ..c.log.clone()
@@ -194,11 +211,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             repository,
             json,
         } => {
-            let c = load(&config)?;
+            let c = load(&config)?.config;
             runtime()?.block_on(admin_ops::purge(&c, repository.as_deref(), json.json))
         }
         Command::Jobs { config, id, json } => {
-            let c = load(&config)?;
+            let c = load(&config)?.config;
             runtime()?.block_on(admin_ops::jobs(&c, id, json.json))
         }
         Command::Repos {
@@ -206,7 +223,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             repository,
             json,
         } => {
-            let c = load(&config)?;
+            let c = load(&config)?.config;
             runtime()?.block_on(admin_ops::repos(&c, repository.as_deref(), json.json))
         }
         Command::DeleteRepo {
@@ -214,7 +231,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             repository,
             json,
         } => {
-            let c = load(&config)?;
+            let c = load(&config)?.config;
             runtime()?.block_on(admin_ops::delete_repo(&c, &repository, json.json))
         }
         Command::Cleanup {
@@ -225,14 +242,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                 },
         } => {
-            let c = load(&config)?;
+            let c = load(&config)?.config;
             runtime()?.block_on(admin_ops::cleanup_run(&c, dry_run, json.json))
         }
         Command::Serve { config } => {
-            let c = load(&config)?;
-            init_logging(&c.log)?;
+            let loaded = load(&config)?;
+            check_data_dir(&loaded)?;
+            init_logging(&loaded.config.log)?;
+            log_ignored_env(&loaded);
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(serve(c))
+            runtime.block_on(serve(loaded.config))
         }
     }
 }
@@ -284,8 +303,11 @@ fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {
         _ => EnvFilter::try_new(&log.level)
             .with_context(|| format!("config key `log.level`: {:?}", log.level))?,
     };
+    // Colours only for a person at a terminal: a log file, journald or `kubectl logs`
+    // would show the escape codes as text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if log.format == "json" {
         builder.json().init();

@@ -1,24 +1,56 @@
-//! Loading and validating the configuration.
+//! Loading the configuration: embedded defaults, then the TOML file, then `REGCACHE_*`
+//! environment variables; then validation. Variables that name no config section (such as
+//! the `REGCACHE_PORT=tcp://…` Kubernetes injects for a Service named `regcache`) are left
+//! out and reported, not refused.
 
+use super::explain::{from_figment, key_name, KeyContext, Sources};
 use super::validate::validate;
 use super::Config;
-use figment::providers::{Format, Toml};
+use figment::error::Kind;
+use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use std::path::Path;
+use std::sync::OnceLock;
 
 /// A configuration that cannot be used. `key` is the dotted config key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {path}: {message}")]
     File { path: String, message: String },
-    #[error("config key `{key}`: {message}")]
-    Invalid { key: String, message: String },
+    #[error("config key `{key}`{context}: {message}")]
+    Invalid {
+        key: String,
+        message: String,
+        /// Which upstream, which variable or file; filled in by [`load`].
+        context: KeyContext,
+    },
 }
 
 pub(super) fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         message: message.into(),
+        context: KeyContext::default(),
+    }
+}
+
+/// The variable that names the config file; it is not a config key.
+pub const CONFIG_FILE_VAR: &str = "REGCACHE_CONFIG";
+
+/// A loaded and validated configuration, with what is needed to explain a later error
+/// about it (such as `server.data_dir` turning out unusable).
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    /// `REGCACHE_*` variables left out because they name no config section; log them.
+    pub ignored_env: Vec<String>,
+    sources: Sources,
+}
+
+impl Loaded {
+    /// Adds to a key error the upstream, variable or file it is about.
+    pub fn explain(&self, e: ConfigError) -> ConfigError {
+        self.sources.explain(e)
     }
 }
 
@@ -28,32 +60,125 @@ pub fn load(
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
+    load_report(file, env).map(|l| l.config)
+}
+
+/// [`load`], also returning the variables it ignored and where values came from.
+pub fn load_report(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Loaded, ConfigError> {
     let mut figment = Figment::new();
+    let mut sources = Sources::default();
     if let Some(path) = file {
         if !path.is_file() {
+            let message = if path.exists() {
+                "is not a file; give --config the path of a TOML file"
+            } else {
+                "no such file; check the path given with --config or REGCACHE_CONFIG"
+            };
             return Err(ConfigError::File {
                 path: path.display().to_string(),
-                message: "no such file".into(),
+                message: message.into(),
             });
         }
         figment = figment.merge(Toml::file_exact(path));
+        let sections = match figment.find_value("") {
+            Ok(v) => v.into_dict().map(|d| d.into_keys().collect()).unwrap_or_default(),
+            Err(e) => {
+                return Err(ConfigError::File {
+                    path: path.display().to_string(),
+                    message: format!("cannot be read as TOML: {}", e.kind),
+                })
+            }
+        };
+        sources.file = Some((path.display().to_string(), sections));
     }
     // figment reads the process environment; pass our own map through a scoped provider
     // so tests stay independent of the process and of each other.
-    let vars: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with("REGCACHE_"))
-        .collect();
-    let env_toml = env_to_toml(&vars)?;
+    let (vars, ignored_env) = config_vars(env);
+    let env_toml = env_to_toml(&vars, &mut sources)?;
     figment = figment.merge(Toml::string(&env_toml));
-    let mut config: Config = figment.extract().map_err(from_figment)?;
-    validate(&mut config)?;
-    Ok(config)
+    sources.upstream_names = upstream_names(&figment);
+    let mut config: Config = figment.extract().map_err(|e| sources.explain(from_figment(e)))?;
+    validate(&mut config).map_err(|e| sources.explain(e))?;
+    Ok(Loaded {
+        config,
+        ignored_env,
+        sources,
+    })
+}
+
+/// Splits `REGCACHE_*` variables into those that name a config section (used) and the
+/// others (ignored): a Service named `regcache` makes Kubernetes set `REGCACHE_PORT`,
+/// `REGCACHE_SERVICE_HOST`, `REGCACHE_PORT_5000_TCP_ADDR`… in every pod of its namespace.
+/// A typo below a real section (`REGCACHE_STORAGE__DELET__ENABLED`) is kept, so that it
+/// fails with the key named.
+fn config_vars(env: impl IntoIterator<Item = (String, String)>) -> (Vec<(String, String)>, Vec<String>) {
+    let sections = sections();
+    let mut used = Vec::new();
+    let mut ignored = Vec::new();
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("REGCACHE_") else {
+            continue;
+        };
+        if name == CONFIG_FILE_VAR {
+            continue;
+        }
+        let first = rest.split("__").next().unwrap_or_default().to_ascii_lowercase();
+        if sections.is_empty() || sections.contains(&first.as_str()) {
+            used.push((name, value));
+        } else {
+            ignored.push(name);
+        }
+    }
+    used.sort();
+    ignored.sort();
+    (used, ignored)
+}
+
+/// The top-level sections of the config, as serde knows them: deserializing a key that
+/// cannot be a field makes `deny_unknown_fields` list the fields that exist. Empty if it
+/// unexpectedly does not, and then no variable is ignored.
+fn sections() -> &'static [&'static str] {
+    static SECTIONS: OnceLock<&'static [&'static str]> = OnceLock::new();
+    SECTIONS.get_or_init(|| {
+        let probe = Figment::from(Serialized::defaults(std::collections::BTreeMap::from([(
+            "-not-a-section-",
+            0,
+        )])));
+        match probe.extract::<Config>() {
+            Ok(_) => &[],
+            Err(e) => e
+                .into_iter()
+                .find_map(|e| match e.kind {
+                    Kind::UnknownField(_, expected) => Some(expected),
+                    _ => None,
+                })
+                .unwrap_or(&[]),
+        }
+    })
+}
+
+/// The `name` of each `[[upstream]]` entry, by index, before extraction (for errors).
+fn upstream_names(figment: &Figment) -> Vec<String> {
+    let Ok(figment::value::Value::Array(_, list)) = figment.find_value("upstream") else {
+        return Vec::new();
+    };
+    list.iter()
+        .map(|u| {
+            u.find_ref("name")
+                .and_then(|n| n.as_str())
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
 }
 
 /// Turns `REGCACHE_A__B=v` variables into a TOML document `[a] b = v`, parsing each value
-/// as TOML when it parses and as a string otherwise (figment's own rule).
-fn env_to_toml(vars: &[(String, String)]) -> Result<String, ConfigError> {
+/// as TOML when it parses and as a string otherwise (figment's own rule), and records
+/// which variable set which key.
+fn env_to_toml(vars: &[(String, String)], sources: &mut Sources) -> Result<String, ConfigError> {
     let mut root = toml::Table::new();
     for (name, raw) in vars {
         let Some(rest) = name.strip_prefix("REGCACHE_") else {
@@ -63,7 +188,10 @@ fn env_to_toml(vars: &[(String, String)]) -> Result<String, ConfigError> {
         if path.iter().any(String::is_empty) {
             return Err(invalid(
                 name.clone(),
-                "empty key segment in environment variable name",
+                format!(
+                    "environment variable {name} has an empty key between `__` separators; \
+                     write REGCACHE_SECTION__KEY, e.g. REGCACHE_PROXY__TTL"
+                ),
             ));
         }
         let value = parse_env_value(raw);
@@ -76,10 +204,14 @@ fn env_to_toml(vars: &[(String, String)]) -> Result<String, ConfigError> {
             let entry = table
                 .entry(segment.clone())
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            table = entry
-                .as_table_mut()
-                .ok_or_else(|| invalid(path[..=i].join("."), format!("{name} sets a key below a value")))?;
+            table = entry.as_table_mut().ok_or_else(|| {
+                invalid(
+                    key_name(&path[..=i]),
+                    format!("{name} sets a key below it, but it is a value, not a table"),
+                )
+            })?;
         }
+        sources.env.push((path, name.clone()));
     }
     Ok(toml::to_string(&root).unwrap_or_default())
 }
@@ -92,29 +224,6 @@ fn parse_env_value(raw: &str) -> toml::Value {
             .unwrap_or_else(|| toml::Value::String(raw.to_owned())),
         Err(_) => toml::Value::String(raw.to_owned()),
     }
-}
-
-fn from_figment(err: figment::Error) -> ConfigError {
-    let mut messages = Vec::new();
-    let mut key = String::new();
-    for e in err {
-        let path = e.path.join(".");
-        if key.is_empty() {
-            key = if path.is_empty() {
-                "(top level)".into()
-            } else {
-                path.clone()
-            };
-        }
-        let source = e
-            .metadata
-            .as_ref()
-            .and_then(|m| m.source.as_ref())
-            .map(|s| format!(" (in {s})"))
-            .unwrap_or_default();
-        messages.push(format!("{}{source}", e.kind));
-    }
-    invalid(key, messages.join("; "))
 }
 
 #[cfg(test)]
@@ -351,5 +460,62 @@ mod tests {
     fn missing_file_is_an_error() {
         let e = load(Some(Path::new("/nonexistent/regcache.toml")), env(&[])).unwrap_err();
         assert!(matches!(e, ConfigError::File { .. }));
+    }
+
+    /// What Kubernetes injects for a Service named `regcache` (issue 11, point 6).
+    const KUBERNETES: [(&str, &str); 7] = [
+        ("REGCACHE_PORT", "tcp://10.0.0.1:5000"),
+        ("REGCACHE_SERVICE_HOST", "10.0.0.1"),
+        ("REGCACHE_SERVICE_PORT", "5000"),
+        ("REGCACHE_SERVICE_PORT_HTTP", "5000"),
+        ("REGCACHE_PORT_5000_TCP", "tcp://10.0.0.1:5000"),
+        ("REGCACHE_PORT_5000_TCP_ADDR", "10.0.0.1"),
+        ("REGCACHE_PORT_5000_TCP_PROTO", "tcp"),
+    ];
+
+    #[test]
+    fn variables_that_name_no_section_are_ignored_and_reported() {
+        let mut vars = KUBERNETES.to_vec();
+        vars.push(("REGCACHE_PROXY__TTL", "1d"));
+        vars.push(("REGCACHE_CONFIG", "/etc/regcache.toml"));
+        let loaded = load_report(None, env(&vars)).unwrap();
+        assert_eq!(
+            loaded.config.proxy.ttl.as_secs(),
+            86_400,
+            "a real key still applies"
+        );
+        let mut expected: Vec<String> = KUBERNETES.iter().map(|(k, _)| k.to_string()).collect();
+        expected.sort();
+        assert_eq!(loaded.ignored_env, expected);
+        assert!(
+            !loaded.ignored_env.iter().any(|v| v == CONFIG_FILE_VAR),
+            "REGCACHE_CONFIG names the file: neither a key nor ignored"
+        );
+    }
+
+    #[test]
+    fn a_typo_inside_a_section_is_still_an_error_naming_key_and_variable() {
+        let mut vars = KUBERNETES.to_vec();
+        vars.push(("REGCACHE_STORAGE__DELET__ENABLED", "false"));
+        let e = load(None, env(&vars)).unwrap_err();
+        let text = e.to_string();
+        assert_eq!(err_key(e), "storage.delet");
+        for needle in ["REGCACHE_STORAGE__DELET__ENABLED", "did you mean `delete`?"] {
+            assert!(text.contains(needle), "{needle:?} in {text}");
+        }
+    }
+
+    /// The sections come from serde's field list; the probe must find every one.
+    #[test]
+    fn every_top_level_section_is_known() {
+        let defaults = toml::Table::try_from(load(None, env(&[])).unwrap()).unwrap();
+        assert!(!sections().is_empty());
+        for key in defaults.keys() {
+            assert!(
+                sections().contains(&key.as_str()),
+                "{key} missing from {:?}",
+                sections()
+            );
+        }
     }
 }
