@@ -123,7 +123,9 @@ fn apply(tx: &Transaction<'_>, s: &AppliedSettings, now: i64) -> Result<Settings
                     tx.execute(&sql, params![upstream])?
                 } as u64;
             }
-            if old != *ttl {
+            // A first start (nothing applied, nothing cached) changes nothing worth saying.
+            // A first start (nothing applied, nothing cached) changes nothing worth saying.
+            if old != *ttl && (known || n > 0) {
                 change.ttl_changes.push((upstream.clone(), old, *ttl, n));
             }
         }

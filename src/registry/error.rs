@@ -142,6 +142,7 @@ impl From<UpstreamError> for RegistryError {
         let message = e.to_string();
         match &e {
             UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. } => {
+                crate::upstream::warn_unavailable(&e);
                 Self::new(ErrorCode::Unavailable, StatusCode::SERVICE_UNAVAILABLE, message)
             }
             UpstreamError::Status {
