@@ -85,7 +85,7 @@ fn every_command_option_and_argument_has_a_help_text() {
 /// flatten `cli::args::ConfigArg` / `JsonArg` rather than declaring your own.
 #[test]
 fn shared_options_read_the_same_everywhere() {
-    for long in ["config", "json", "dry-run"] {
+    for long in ["config", "json"] {
         let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (path, cmd) in commands() {
             for arg in own_args(&cmd).filter(|a| a.get_long() == Some(long)) {
@@ -98,10 +98,6 @@ fn shared_options_read_the_same_everywhere() {
                 );
                 seen.entry(described).or_default().push(display(&path));
             }
-        }
-        if long == "dry-run" {
-            // Its meaning differs per command (report vs. list); only its presence matters.
-            continue;
         }
         assert!(!seen.is_empty(), "no command takes --{long}");
         assert_eq!(
