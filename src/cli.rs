@@ -157,7 +157,10 @@ enum CleanupCommand {
 }
 
 fn load(arg: &ConfigArg) -> anyhow::Result<config::Loaded> {
-    config::load_report(arg.config.as_deref(), std::env::vars()).context("invalid configuration")
+    // `env::vars` panics on a variable that is not UTF-8; no config key is one, so such
+    // variables are passed over.
+    let env = std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+    config::load_report(arg.config.as_deref(), env).context("invalid configuration")
 }
 
 /// The data dir must be usable before anything is started (and `check-config` says so).

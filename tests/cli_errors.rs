@@ -284,3 +284,24 @@ fn check_config_and_serve_refuse_an_unusable_data_dir() {
         &["server.data_dir", "REGCACHE_SERVER__DATA_DIR", "is a file"],
     );
 }
+
+/// A variable that is not UTF-8 (any program may leave one) is passed over, not a panic.
+#[test]
+fn a_variable_that_is_not_utf8_is_passed_over() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(binary::BIN)
+        .arg("check-config")
+        .env_clear()
+        .env(
+            std::ffi::OsStr::from_bytes(b"LEFT_BY_SOMEONE"),
+            std::ffi::OsStr::from_bytes(b"\xff\xfe"),
+        )
+        .env("REGCACHE_PROXY__TTL", "3d")
+        .current_dir(dir.path())
+        .output()
+        .expect("running regcache");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("ttl = \"3d\""), "{stdout}");
+}
