@@ -442,6 +442,6 @@ async fn purge_jobs_repos_and_delete_repo_from_the_cli_reach_the_running_server(
     );
     run_async(&["jobs", "--config", &empty], dir.path())
         .await
-        .assert_failure_naming(&["no regcache database"]);
+        .assert_failure_naming(&["no regcache database", "--config", "regcache serve"]);
     assert!(!dir.path().join("nothing").exists());
 }

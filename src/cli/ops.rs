@@ -15,7 +15,8 @@ pub(super) async fn open_metadata(config: &Config) -> anyhow::Result<Metadata> {
     let path = config.server.data_dir.join("regcache.db");
     anyhow::ensure!(
         path.is_file(),
-        "no regcache database at {} (server.data_dir = {}); has the server run here?",
+        "no regcache database at {} (server.data_dir = {}): give the server's config with \
+         --config, or start `regcache serve` with this one first",
         path.display(),
         config.server.data_dir.display()
     );
