@@ -3,6 +3,7 @@
 //! This module reads files named by the config (secrets) but starts nothing.
 
 mod duration;
+mod env;
 mod explain;
 mod load;
 mod secret;
