@@ -3,15 +3,19 @@
 //! This module reads files named by the config (secrets) but starts nothing.
 
 mod duration;
+mod env;
+mod explain;
 mod load;
 mod secret;
 mod size;
 mod validate;
 
 pub use duration::Duration;
-pub use load::{load, ConfigError};
+pub use explain::KeyContext;
+pub use load::{load, load_report, ConfigError, Loaded, CONFIG_FILE_VAR};
 pub use secret::Secret;
 pub use size::ByteSize;
+pub use validate::check_data_dir;
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;

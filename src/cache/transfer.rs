@@ -82,6 +82,17 @@ impl Cache {
                 );
                 tx.send_replace(State::Done { file, size });
             }
+            // An unreachable upstream is warned about once per cause where it becomes the
+            // client's 503 (`upstream::warn_unavailable`), not once per blob.
+            Err(
+                e @ CacheError::Upstream(
+                    crate::upstream::UpstreamError::Unreachable { .. }
+                    | crate::upstream::UpstreamError::Timeout { .. },
+                ),
+            ) => {
+                tracing::debug!(repo.name = %t.key, blob.digest = %digest, error = %e, "blob fetch failed");
+                tx.send_replace(State::Failed(e));
+            }
             Err(e) => {
                 tracing::warn!(repo.name = %t.key, blob.digest = %digest, error = %e, "blob fetch failed");
                 tx.send_replace(State::Failed(e));

@@ -303,14 +303,115 @@ fn check_ns(key: &str, ns: &str) -> Result<(), ConfigError> {
 }
 
 fn check_url(key: &str, raw: &str) -> Result<(), ConfigError> {
-    let url = url::Url::parse(raw).map_err(|e| invalid(key, format!("{raw:?} is not a URL ({e})")))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(invalid(
+    let scheme_missing = || {
+        let host = raw.split_once("://").map_or(raw, |(_, rest)| rest);
+        invalid(
             key,
-            format!("{raw:?} must be an http:// or https:// URL with a host"),
-        ));
+            format!(
+                "{raw:?} needs http:// or https:// in front, e.g. \"https://{host}\" \
+                 (\"http://{host}\" for a registry without TLS)"
+            ),
+        )
+    };
+    match url::Url::parse(raw) {
+        // `registry.local` (no scheme) and `localhost:5000` (which parses with the scheme
+        // `localhost`) both mean a host.
+        Err(url::ParseError::RelativeUrlWithoutBase) => Err(scheme_missing()),
+        Err(e) => Err(invalid(key, format!("{raw:?} is not a URL ({e})"))),
+        Ok(url) if !matches!(url.scheme(), "http" | "https") => Err(scheme_missing()),
+        Ok(url) if url.host_str().is_none_or(str::is_empty) => Err(invalid(
+            key,
+            format!("{raw:?} has no host; write it as \"https://host[:port]\""),
+        )),
+        Ok(_) => Ok(()),
     }
-    Ok(())
+}
+
+/// Whether `server.data_dir` can hold the cache: a directory this process can write, or a
+/// path it can create (its nearest existing ancestor is a writable directory). Writing is
+/// tried (a probe file, removed at once), since only that answers for ACLs, read-only
+/// mounts and root squash alike. Creates nothing else.
+pub fn check_data_dir(config: &Config) -> Result<(), ConfigError> {
+    const KEY: &str = "server.data_dir";
+    let dir = &config.server.data_dir;
+    let choose = "or set server.data_dir to a directory this user can write";
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => probe_write(dir).map_err(|e| {
+            invalid(
+                KEY,
+                format!("{} {}; {}", dir.display(), not_writable(&e), fix_dir(&e, choose)),
+            )
+        }),
+        Ok(_) => Err(invalid(
+            KEY,
+            format!(
+                "{} is a file, not a directory; move the file away {choose} (it is created if missing)",
+                dir.display()
+            ),
+        )),
+        Err(_) => {
+            // Missing (or under a file, or unreadable): can the nearest existing ancestor
+            // take the directory?
+            let ancestor = dir
+                .ancestors()
+                .skip(1)
+                .map(|a| {
+                    if a.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        a
+                    }
+                })
+                .find(|a| std::fs::symlink_metadata(a).is_ok())
+                .unwrap_or(Path::new("/"));
+            let why = match std::fs::metadata(ancestor) {
+                Ok(m) if !m.is_dir() => format!("{} is a file, not a directory", ancestor.display()),
+                Ok(_) => match probe_write(ancestor) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => format!("{} {}", ancestor.display(), not_writable(&e)),
+                },
+                Err(e) => format!("{} cannot be read ({e})", ancestor.display()),
+            };
+            Err(invalid(
+                KEY,
+                format!(
+                    "{} does not exist and cannot be created: {why}; create it with write \
+                     permission for this user, {choose}",
+                    dir.display()
+                ),
+            ))
+        }
+    }
+}
+
+fn probe_write(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".regcache-write-check-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
+/// Why a directory cannot be written, in words.
+fn not_writable(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => "is not writable by this user".to_owned(),
+        std::io::ErrorKind::ReadOnlyFilesystem => "is on a read-only file system".to_owned(),
+        std::io::ErrorKind::StorageFull => "is on a full file system".to_owned(),
+        _ => format!("cannot be written ({e})"),
+    }
+}
+
+fn fix_dir(e: &std::io::Error, choose: &str) -> String {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            format!("give it to the user regcache runs as (chown), {choose}")
+        }
+        std::io::ErrorKind::ReadOnlyFilesystem => format!("mount it read-write, {choose}"),
+        std::io::ErrorKind::StorageFull => format!("free some space, {choose}"),
+        _ => choose.trim_start_matches("or ").to_owned(),
+    }
 }
 
 /// An upstream URL: http(s) with a host, and a path only as the prefix requests go under
@@ -349,14 +450,70 @@ fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError> {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{load, ConfigError};
+    use super::*;
+
+    fn config_at(dir: &Path) -> Config {
+        let mut c = super::super::load(None, Vec::new()).unwrap();
+        c.server.data_dir = dir.to_path_buf();
+        c
+    }
+
+    fn message(e: ConfigError) -> String {
+        match &e {
+            ConfigError::Invalid { key, .. } => assert_eq!(key, "server.data_dir"),
+            other => panic!("unexpected {other}"),
+        }
+        e.to_string()
+    }
+
+    #[test]
+    fn a_usable_data_dir_passes_and_nothing_is_left_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        check_data_dir(&config_at(tmp.path())).unwrap();
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "probe removed");
+        let missing = tmp.path().join("a/b/data");
+        check_data_dir(&config_at(&missing)).unwrap();
+        assert!(!tmp.path().join("a").exists(), "a check creates nothing");
+    }
+
+    #[test]
+    fn a_file_is_not_a_data_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("data");
+        std::fs::write(&file, "x").unwrap();
+        let text = message(check_data_dir(&config_at(&file)).unwrap_err());
+        assert!(
+            text.contains(&format!("{} is a file, not a directory", file.display())),
+            "{text}"
+        );
+        assert!(text.contains("set server.data_dir to a directory"), "{text}");
+        let below = file.join("cache");
+        let text = message(check_data_dir(&config_at(&below)).unwrap_err());
+        for needle in [
+            format!("{} does not exist and cannot be created", below.display()),
+            format!("{} is a file, not a directory", file.display()),
+        ] {
+            assert!(text.contains(&needle), "{needle:?} in {text}");
+        }
+    }
+
+    /// The words for what the kernel says (the binary tests meet the real errors).
+    #[test]
+    fn unwritable_and_read_only_are_said_with_their_fix() {
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let read_only = std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem);
+        assert_eq!(not_writable(&denied), "is not writable by this user");
+        assert!(fix_dir(&denied, "or x").starts_with("give it to the user regcache runs as"));
+        assert_eq!(not_writable(&read_only), "is on a read-only file system");
+        assert!(fix_dir(&read_only, "or x").starts_with("mount it read-write"));
+    }
 
     fn upstream_url(url: &str) -> Result<String, ConfigError> {
         let env = vec![(
             "REGCACHE_UPSTREAM".to_owned(),
             format!("[{{name = \"m\", url = \"{url}\"}}]"),
         )];
-        load(None, env).map(|c| c.upstream[0].url.clone())
+        crate::config::load(None, env).map(|c| c.upstream[0].url.clone())
     }
 
     #[test]

@@ -136,7 +136,8 @@ fn apply(tx: &Transaction<'_>, s: &AppliedSettings, now: i64) -> Result<Settings
                 ),
                 params![upstream],
             )?;
-            if old != *ttl {
+            // A first start (nothing applied, nothing cached) changes nothing worth saying.
+            if old != *ttl && (known || n > 0) {
                 change.ttl_changes.push((upstream.clone(), old, *ttl, n));
             }
         }

@@ -92,6 +92,9 @@ enum Severity {
     Upstream,
     /// An ordinary "not found" from the upstream.
     Quiet,
+    /// The upstream cannot be reached: warned about once per upstream and cause
+    /// (`upstream::warn_unavailable`), so each request's line is only informational.
+    Unavailable,
 }
 
 impl RegistryError {
@@ -122,6 +125,9 @@ impl RegistryError {
             }
             Severity::Upstream => {
                 tracing::warn!(error.id = %error_id, http.status = status.as_u16(), error = %detail, "upstream error")
+            }
+            Severity::Unavailable => {
+                tracing::info!(error.id = %error_id, http.status = status.as_u16(), error = %detail, "upstream unavailable")
             }
             Severity::Quiet => {
                 tracing::debug!(error.id = %error_id, http.status = status.as_u16(), error = %detail, "upstream error")
@@ -211,22 +217,25 @@ impl From<UpstreamError> for RegistryError {
     /// The upstream's own message and body, and the URLs and network errors in `e`, stay
     /// in the log: they may name internal hosts or carry whatever the upstream put there.
     fn from(e: UpstreamError) -> Self {
-        use Severity::{Quiet, Upstream};
+        use Severity::{Quiet, Unavailable, Upstream};
         let withheld =
             |code, status, message: &str, severity| Self::withheld(code, status, message, severity, &e);
         match &e {
-            UpstreamError::Unreachable { .. } => withheld(
-                ErrorCode::Unavailable,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the upstream registry cannot be reached",
-                Upstream,
-            ),
-            UpstreamError::Timeout { .. } => withheld(
-                ErrorCode::Unavailable,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the upstream registry did not answer in time",
-                Upstream,
-            ),
+            UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. } => {
+                // The operator's WARN is rate-limited per upstream and cause; the line
+                // carrying this request's error id is at info.
+                crate::upstream::warn_unavailable(&e);
+                let message = match &e {
+                    UpstreamError::Timeout { .. } => "the upstream registry did not answer in time",
+                    _ => "the upstream registry cannot be reached",
+                };
+                withheld(
+                    ErrorCode::Unavailable,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    message,
+                    Unavailable,
+                )
+            }
             UpstreamError::Status {
                 status,
                 code,

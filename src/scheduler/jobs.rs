@@ -281,12 +281,16 @@ async fn sweeper(s: Scheduler) {
         let stale = i64::try_from(s.jobs.stale_after.as_secs()).unwrap_or(i64::MAX);
         match s.meta.sweep(now_secs(), stale).await {
             Ok(r) => {
-                let states = r
+                let mut states = r
                     .jobs_by_state
                     .iter()
                     .map(|(st, n)| format!("{st}={n}"))
                     .collect::<Vec<_>>()
                     .join(" ");
+                if states.is_empty() {
+                    // An empty field reads as a logging bug.
+                    states = "none".to_owned();
+                }
                 tracing::info!(
                     jobs.requeued = r.jobs_requeued, repositories.reset = r.repositories_reset,
                     jobs.by_state = %states, "sweeper ran"

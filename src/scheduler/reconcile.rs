@@ -45,6 +45,9 @@ pub struct ReconcileReport {
     pub missing_objects: u64,
     /// Of those, rows repaired (0 on a dry run).
     pub rows_repaired: u64,
+    /// Temporary files older than the grace period (leftovers of a dead transfer).
+    pub temp_files_stale: u64,
+    /// Of those, removed (0 on a dry run).
     pub temp_files_removed: u64,
     pub blobs_verified: u64,
     pub blobs_corrupt: u64,
@@ -83,7 +86,7 @@ pub(super) async fn run(s: Scheduler) {
                 orphans.kept = r.orphan_objects,
                 "the storage prefix belongs to another regcache instance: its objects were not deleted; give each instance its own prefix"
             ),
-            Ok(r) if r.orphan_objects + r.missing_objects + r.temp_files_removed + r.stale_uploads > 0 => {
+            Ok(r) if r.orphan_objects + r.missing_objects + r.temp_files_stale + r.stale_uploads > 0 => {
                 tracing::info!(
                     orphans.queued = r.orphans_queued,
                     rows.repaired = r.rows_repaired,
@@ -188,7 +191,7 @@ pub async fn reconcile(
 
     if let Some(tmp) = &s.tmp_dir {
         let age = s.settings.reconcile_grace.max(TEMP_FILE_MIN_AGE);
-        report.temp_files_removed = sweep_temp(tmp, age, opts.dry_run);
+        (report.temp_files_stale, report.temp_files_removed) = sweep_temp(tmp, age, opts.dry_run);
     }
     if opts.verify {
         verify(s, &listed, opts, progress, &mut report).await?;
@@ -341,11 +344,12 @@ impl Listed {
 }
 
 /// Removes temporary files older than `grace`; returns how many (or would, on a dry run).
-fn sweep_temp(dir: &std::path::Path, grace: Duration, dry_run: bool) -> u64 {
+/// Removes temporary files older than `grace` (none on a dry run): (stale, removed).
+fn sweep_temp(dir: &std::path::Path, grace: Duration, dry_run: bool) -> (u64, u64) {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
+        return (0, 0);
     };
-    let mut removed = 0;
+    let (mut stale, mut removed) = (0, 0);
     for e in entries.flatten() {
         let old = e
             .metadata()
@@ -353,9 +357,12 @@ fn sweep_temp(dir: &std::path::Path, grace: Duration, dry_run: bool) -> u64 {
             .ok()
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age >= grace);
-        if old && (dry_run || std::fs::remove_file(e.path()).is_ok()) {
-            removed += 1;
+        if old {
+            stale += 1;
+            if !dry_run && std::fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
         }
     }
-    removed
+    (stale, removed)
 }
