@@ -147,6 +147,22 @@ pub struct ServerConfig {
     /// How long shutdown waits for in-flight requests and transfers. Default `30s`.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: Duration,
+    /// Longest time a client may take to send a request's headers, from the connection's
+    /// start or its first byte after an idle spell; then the connection is closed.
+    /// Default `30s`.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: Duration,
+    /// A keep-alive connection with no request for this long is closed. Default `75s`.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Duration,
+    /// A response the client takes no bytes of for this long is ended and its connection
+    /// closed. Default `60s`.
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: Duration,
+    /// Open client connections, per listener, past which new ones are refused at once.
+    /// Default 10000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -155,6 +171,10 @@ impl Default for ServerConfig {
             listen: default_listen(),
             data_dir: default_data_dir(),
             shutdown_grace: default_shutdown_grace(),
+            header_timeout: default_header_timeout(),
+            idle_timeout: default_idle_timeout(),
+            send_timeout: default_send_timeout(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -385,6 +405,26 @@ fn default_data_dir() -> PathBuf {
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
+}
+/// nginx's `client_header_timeout` (60 s) halved: a real client sends its headers in one
+/// packet, so anything slower is a stalled or hostile one holding a connection.
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+/// nginx's `keepalive_timeout`: below Go's `IdleConnTimeout` (90 s, containerd's and
+/// Docker's clients), so a client pulling layer after layer keeps its connection, while
+/// an abandoned one is closed within a minute and a quarter.
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(75)
+}
+/// nginx's `send_timeout`.
+fn default_send_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+/// See README, "Connections": room for a large site's nodes with a few connections each,
+/// at about two file descriptors and 13 KiB of memory per idle connection.
+fn default_max_connections() -> usize {
+    10_000
 }
 fn default_region() -> String {
     "us-east-1".into()

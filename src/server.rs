@@ -1,6 +1,10 @@
-//! Assembling and running the server: opens metadata and storage, builds the upstream
-//! clients and the cache, binds the listener, and stops everything on one shutdown signal
+//! Assembling and running the server: binds the listeners, opens metadata and storage,
+//! builds the upstream clients and the cache, and stops everything on one shutdown signal
 //! with a bounded drain.
+
+mod activity;
+mod connection;
+mod listener;
 
 use crate::cache::{Cache, CacheParts, CacheSettings, UseBuffer};
 use crate::config::Config;
@@ -28,8 +32,12 @@ pub enum ServerError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error(
+        "{key} = {addr:?}: cannot listen there: {source}; stop what holds the address or set another in {key}"
+    )]
     Bind {
+        /// The config key naming the address.
+        key: &'static str,
         addr: String,
         #[source]
         source: std::io::Error,
@@ -44,9 +52,10 @@ pub struct RunningServer {
     addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: TaskTracker,
-    http: JoinHandle<std::io::Result<()>>,
+    http: JoinHandle<()>,
     grace: std::time::Duration,
     cache: Arc<Cache>,
+    connections: listener::OpenConnections,
 }
 
 /// Opens everything `config` names and starts serving.
@@ -60,6 +69,14 @@ pub async fn start_with_store(
     config: Config,
     store: Option<crate::storage::BlobStore>,
 ) -> Result<RunningServer, ServerError> {
+    // Listeners first: a port in use must fail before the database is created or changed.
+    let limits = listener::Limits::from_config(&config.server);
+    let registry_listener = listener::Serving::bind("server.listen", &config.server.listen, limits).await?;
+    let admin_listener = match &config.admin.listen {
+        Some(addr) => Some(listener::Serving::bind("admin.listen", addr, limits).await?),
+        None => None,
+    };
+    listener::raise_fd_limit(limits.max_connections * if admin_listener.is_some() { 2 } else { 1 });
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.display().to_string(),
@@ -103,16 +120,7 @@ pub async fn start_with_store(
         path: tmp_dir.display().to_string(),
         source,
     })?;
-    let listener = tokio::net::TcpListener::bind(&config.server.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.server.listen.clone(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.server.listen.clone(),
-        source,
-    })?;
+    let addr = registry_listener.local_addr();
     tasks.spawn(cache.clone().run_background());
     Scheduler {
         meta,
@@ -128,33 +136,15 @@ pub async fn start_with_store(
     }
     .spawn(&tasks);
     let registry = crate::registry::router(cache.clone());
-    let app = match &config.admin.listen {
+    let app = match admin_listener {
         None => registry.merge(admin),
-        Some(admin_addr) => {
-            let admin_listener = tokio::net::TcpListener::bind(admin_addr)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: admin_addr.clone(),
-                    source,
-                })?;
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
-                let served = axum::serve(admin_listener, admin)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "admin listener failed");
-                }
-            });
+        Some(admin_listener) => {
+            tasks.spawn(admin_listener.run(admin, shutdown.clone()));
             registry
         }
     };
-    let stop = shutdown.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-    });
+    let connections = registry_listener.open_connections();
+    let http = tokio::spawn(registry_listener.run(app, shutdown.clone()));
     tracing::info!(
         listen.addr = %addr,
         data.dir = %data_dir.display(),
@@ -170,6 +160,7 @@ pub async fn start_with_store(
         http,
         grace: config.server.shutdown_grace.to_std(),
         cache,
+        connections,
     })
 }
 
@@ -214,6 +205,11 @@ impl RunningServer {
         &self.cache
     }
 
+    /// Client connections open on the registry listener.
+    pub fn open_connections(&self) -> usize {
+        self.connections.count()
+    }
+
     /// Stops accepting, lets requests and background work finish within the grace
     /// period, then returns.
     pub async fn stop(self) -> Result<(), ServerError> {
@@ -226,8 +222,7 @@ impl RunningServer {
         })
         .await;
         match drained {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(ServerError::Task(e.to_string())),
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(ServerError::Task(e.to_string())),
             Err(_) => {
                 tracing::warn!(

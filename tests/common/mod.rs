@@ -15,6 +15,7 @@ pub mod data_dir;
 pub mod external;
 pub mod failing_store;
 pub mod fixture_upstream;
+pub mod held;
 pub mod images;
 
 use std::future::Future;
