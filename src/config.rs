@@ -163,6 +163,36 @@ pub struct ServerConfig {
     /// Default 10000.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// HTTPS on `listen` (and on `admin.listen`). Default: plain HTTP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: the listeners speak TLS 1.2 and 1.3 (rustls), offering HTTP/2 and
+/// HTTP/1.1 by ALPN. The files are read again when they change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's certificate first.
+    pub cert_file: PathBuf,
+    /// PEM private key of that certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA certificates client certificates must chain to. Default: none; clients
+    /// are not asked for a certificate.
+    pub client_ca_file: Option<PathBuf>,
+    /// With `client_ca_file`: whether a client must present a certificate. Default
+    /// `required`.
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// Whether a client certificate is required (`server.tls.client_auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Clients without a certificate are served too; one that presents a certificate
+    /// must present a valid one.
+    Optional,
+    /// The handshake fails without a valid client certificate.
+    Required,
 }
 
 impl Default for ServerConfig {
@@ -175,6 +205,7 @@ impl Default for ServerConfig {
             idle_timeout: default_idle_timeout(),
             send_timeout: default_send_timeout(),
             max_connections: default_max_connections(),
+            tls: None,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod glob;
+pub mod identity;
 pub mod metadata;
 pub mod oci;
 pub mod registry;

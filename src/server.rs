@@ -5,6 +5,9 @@
 mod activity;
 mod connection;
 mod listener;
+mod tls;
+
+pub use tls::TlsReloads;
 
 use crate::cache::{Cache, CacheParts, CacheSettings, UseBuffer};
 use crate::config::Config;
@@ -42,6 +45,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{key}: {message}")]
+    Tls { key: &'static str, message: String },
     #[error("server task failed: {0}")]
     Task(String),
 }
@@ -56,6 +61,7 @@ pub struct RunningServer {
     grace: std::time::Duration,
     cache: Arc<Cache>,
     connections: listener::OpenConnections,
+    tls: Option<Arc<tls::Tls>>,
 }
 
 /// Opens everything `config` names and starts serving.
@@ -77,6 +83,12 @@ pub async fn start_with_store(
         None => None,
     };
     listener::raise_fd_limit(limits.max_connections * if admin_listener.is_some() { 2 } else { 1 });
+    let tls = match &config.server.tls {
+        Some(settings) => Some(tls::Tls::load(settings).await?),
+        None => None,
+    };
+    let registry_listener = registry_listener.with_tls(tls.clone());
+    let admin_listener = admin_listener.map(|l| l.with_tls(tls.clone()));
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.display().to_string(),
@@ -122,6 +134,9 @@ pub async fn start_with_store(
     })?;
     let addr = registry_listener.local_addr();
     tasks.spawn(cache.clone().run_background());
+    if let Some(tls) = &tls {
+        tasks.spawn(tls.clone().watch(shutdown.clone()));
+    }
     Scheduler {
         meta,
         store,
@@ -161,6 +176,7 @@ pub async fn start_with_store(
         grace: config.server.shutdown_grace.to_std(),
         cache,
         connections,
+        tls,
     })
 }
 
@@ -203,6 +219,11 @@ impl RunningServer {
 
     pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
+    }
+
+    /// What reloading the TLS files did so far; `None` without `[server.tls]`.
+    pub fn tls_reloads(&self) -> Option<TlsReloads> {
+        self.tls.as_ref().map(|t| t.reloads())
     }
 
     /// Client connections open on the registry listener.

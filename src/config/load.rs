@@ -241,6 +241,20 @@ mod tests {
     }
 
     #[test]
+    fn client_auth_needs_a_client_ca() {
+        let f = toml_file(
+            "[server.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nclient_auth = \"optional\"\n",
+        );
+        assert_eq!(
+            err_key(load(Some(f.path()), env(&[])).unwrap_err()),
+            "server.tls.client_auth"
+        );
+        let f =
+            toml_file("[server.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nclient_auth = \"maybe\"\n");
+        assert!(load(Some(f.path()), env(&[])).is_err());
+    }
+
+    #[test]
     fn password_file_is_read_and_redacted() {
         let secret = toml_file("s3cr3t\n");
         let f = toml_file(&format!(
@@ -288,6 +302,10 @@ mod tests {
             "idle_timeout",
             "send_timeout",
             "max_connections",
+            "cert_file",
+            "key_file",
+            "client_ca_file",
+            "client_auth",
             "backend",
             "fsync",
             "enabled",

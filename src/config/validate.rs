@@ -28,6 +28,14 @@ pub(super) fn validate(config: &mut Config) -> Result<(), ConfigError> {
             return Err(invalid(key, "must be greater than 0"));
         }
     }
+    if let Some(tls) = &config.server.tls {
+        if tls.client_auth.is_some() && tls.client_ca_file.is_none() {
+            return Err(invalid(
+                "server.tls.client_auth",
+                "needs server.tls.client_ca_file, the CA that client certificates must chain to",
+            ));
+        }
+    }
     // Past a million the file-descriptor limit of any common system is the bound anyway.
     if config.server.max_connections == 0 || config.server.max_connections > 1_000_000 {
         return Err(invalid("server.max_connections", "must be between 1 and 1000000"));

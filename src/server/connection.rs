@@ -4,6 +4,7 @@
 //! they hold (mapped blob windows, open files, eviction holds).
 
 use super::activity::{Activity, Expired, Timeouts, TrackedBody, TrackedIo};
+use crate::identity::ClientCert;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -29,15 +30,26 @@ pub(crate) enum Ended {
 
 /// Serves `io` until the client leaves, a timeout runs out, or shutdown is signalled
 /// (then in-flight requests finish; the server's drain bounds how long that may take).
-pub(crate) async fn serve<T>(io: T, app: Router, timeouts: Timeouts, shutdown: CancellationToken) -> Ended
+/// `peer`, the verified client certificate's identity, goes into every request's
+/// extensions as an `Arc<ClientCert>`.
+pub(crate) async fn serve<T>(
+    io: T,
+    app: Router,
+    peer: Option<Arc<ClientCert>>,
+    timeouts: Timeouts,
+    shutdown: CancellationToken,
+) -> Ended
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Activity::new();
     let service = {
         let activity = activity.clone();
-        hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             let in_flight = activity.request_started();
+            if let Some(peer) = &peer {
+                req.extensions_mut().insert(peer.clone());
+            }
             let app = app.clone();
             async move {
                 let resp = tower::ServiceExt::oneshot(app, req.map(axum::body::Body::new)).await;

@@ -1,12 +1,15 @@
 //! A listener's accept loop (registry and admin alike): binds before anything else starts,
-//! caps open connections (refusing the rest at once instead of queueing them), hands each
-//! connection to `connection.rs` with the configured timeouts, and on shutdown stops
-//! accepting and waits for its connections to finish.
+//! caps open connections (refusing the rest at once instead of queueing them), does the
+//! TLS handshake when `[server.tls]` is set, hands each connection to `connection.rs` with
+//! the configured timeouts, and on shutdown stops accepting and waits for its connections
+//! to finish.
 
-use super::activity::Timeouts;
+use super::activity::{Expired, Timeouts};
 use super::connection::{self, Ended};
+use super::tls::Tls;
 use super::ServerError;
 use crate::config::ServerConfig;
+use crate::identity::ClientCert;
 use axum::Router;
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,6 +84,7 @@ pub(crate) struct Serving {
     addr: std::net::SocketAddr,
     limits: Limits,
     open: OpenConnections,
+    tls: Option<Arc<Tls>>,
 }
 
 impl Serving {
@@ -103,7 +107,14 @@ impl Serving {
             addr: local,
             limits,
             open,
+            tls: None,
         })
+    }
+
+    /// Speaks TLS with `tls`'s current configuration on every new connection.
+    pub(crate) fn with_tls(mut self, tls: Option<Arc<Tls>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     pub(crate) fn local_addr(&self) -> std::net::SocketAddr {
@@ -122,6 +133,7 @@ impl Serving {
             key,
             limits,
             open,
+            tls,
             ..
         } = self;
         let connections = TaskTracker::new();
@@ -148,7 +160,10 @@ impl Serving {
                 }
             };
             let Ok(permit) = open.permits.clone().try_acquire_owned() else {
-                refuse(stream);
+                // A TLS client would read a plain-text answer as garbage: it is only closed.
+                if tls.is_none() {
+                    refuse(stream);
+                }
                 if refused.tick() {
                     tracing::warn!(
                         listener = key,
@@ -159,9 +174,12 @@ impl Serving {
                 }
                 continue;
             };
-            let (app, shutdown) = (app.clone(), shutdown.clone());
+            let (app, shutdown, tls) = (app.clone(), shutdown.clone(), tls.clone());
             connections.spawn(async move {
-                let ended = connection::serve(stream, app, limits.timeouts, shutdown).await;
+                let ended = match tls {
+                    None => connection::serve(stream, app, None, limits.timeouts, shutdown).await,
+                    Some(tls) => serve_tls(stream, &tls, app, limits, shutdown).await,
+                };
                 drop(permit);
                 match ended {
                     Ended::Done => {}
@@ -176,6 +194,32 @@ impl Serving {
         connections.close();
         connections.wait().await;
     }
+}
+
+/// The TLS handshake (bounded by the header timeout, so a client that stalls in it is
+/// closed like one that stalls in its headers), then the connection with the verified
+/// client certificate's identity.
+async fn serve_tls(
+    stream: TcpStream,
+    tls: &Tls,
+    app: Router,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> Ended {
+    let handshake = tokio::time::timeout(limits.timeouts.header, tls.acceptor().accept(stream)).await;
+    let stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Ended::Failed(Box::new(e)),
+        Err(_) => return Ended::TimedOut(Expired::Header),
+    };
+    let peer = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| ClientCert::from_der(leaf))
+        .map(Arc::new);
+    connection::serve(stream, app, peer, limits.timeouts, shutdown).await
 }
 
 /// Answers 503 if the socket takes it at once, then closes: the client learns at once

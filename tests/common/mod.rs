@@ -17,6 +17,7 @@ pub mod failing_store;
 pub mod fixture_upstream;
 pub mod held;
 pub mod images;
+pub mod tls;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
