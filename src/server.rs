@@ -1,10 +1,15 @@
-//! Assembling and running the server: opens metadata and storage, builds the upstream
-//! clients and the cache, binds the listener, and stops everything on one shutdown signal
+//! Assembling and running the server: binds the listeners, opens metadata and storage,
+//! builds the upstream clients and the cache, and stops everything on one shutdown signal
 //! with a bounded drain.
 
+mod activity;
+mod connection;
+mod listener;
 mod lock;
+mod tls;
 
 pub use lock::{DataDirLock, LockError};
+pub use tls::TlsReloads;
 
 use crate::cache::{ActiveBlobs, Cache, CacheParts, CacheSettings, UseBuffer};
 use crate::config::Config;
@@ -34,12 +39,18 @@ pub enum ServerError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error(
+        "{key} = {addr:?}: cannot listen there: {source}; stop what holds the address or set another in {key}"
+    )]
     Bind {
+        /// The config key naming the address.
+        key: &'static str,
         addr: String,
         #[source]
         source: std::io::Error,
     },
+    #[error("{key}: {message}")]
+    Tls { key: &'static str, message: String },
     #[error("server task failed: {0}")]
     Task(String),
     #[error("config key `prefetch[{index}].list`: {source}")]
@@ -56,11 +67,13 @@ pub struct RunningServer {
     addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: TaskTracker,
-    http: JoinHandle<std::io::Result<()>>,
+    http: JoinHandle<()>,
     grace: std::time::Duration,
     cache: Arc<Cache>,
     /// Held until the server is stopped or dropped.
     _lock: DataDirLock,
+    connections: listener::OpenConnections,
+    tls: Option<Arc<tls::Tls>>,
 }
 
 /// Opens everything `config` names and starts serving.
@@ -78,6 +91,20 @@ pub async fn start_with_store(
     for (index, p) in config.prefetch.iter().enumerate() {
         crate::imagelist::load(&p.list).map_err(|source| ServerError::PrefetchList { index, source })?;
     }
+    // Listeners first: a port in use must fail before the database is created or changed.
+    let limits = listener::Limits::from_config(&config.server);
+    let registry_listener = listener::Serving::bind("server.listen", &config.server.listen, limits).await?;
+    let admin_listener = match &config.admin.listen {
+        Some(addr) => Some(listener::Serving::bind("admin.listen", addr, limits).await?),
+        None => None,
+    };
+    listener::raise_fd_limit(limits.max_connections * if admin_listener.is_some() { 2 } else { 1 });
+    let tls = match &config.server.tls {
+        Some(settings) => Some(tls::Tls::load(settings).await?),
+        None => None,
+    };
+    let registry_listener = registry_listener.with_tls(tls.clone());
+    let admin_listener = admin_listener.map(|l| l.with_tls(tls.clone()));
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.display().to_string(),
@@ -124,17 +151,11 @@ pub async fn start_with_store(
         path: tmp_dir.display().to_string(),
         source,
     })?;
-    let listener = tokio::net::TcpListener::bind(&config.server.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.server.listen.clone(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.server.listen.clone(),
-        source,
-    })?;
+    let addr = registry_listener.local_addr();
     tasks.spawn(cache.clone().run_background());
+    if let Some(tls) = &tls {
+        tasks.spawn(tls.clone().watch(shutdown.clone()));
+    }
     let scheduler = Scheduler {
         meta,
         store,
@@ -150,33 +171,15 @@ pub async fn start_with_store(
     crate::prefetch::spawn_jobs(&scheduler, cache.clone(), config.prefetch.clone(), &tasks);
     scheduler.spawn(&tasks);
     let registry = crate::registry::router(cache.clone());
-    let app = match &config.admin.listen {
+    let app = match admin_listener {
         None => registry.merge(admin),
-        Some(admin_addr) => {
-            let admin_listener = tokio::net::TcpListener::bind(admin_addr)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: admin_addr.clone(),
-                    source,
-                })?;
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
-                let served = axum::serve(admin_listener, admin)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "admin listener failed");
-                }
-            });
+        Some(admin_listener) => {
+            tasks.spawn(admin_listener.run(admin, shutdown.clone()));
             registry
         }
     };
-    let stop = shutdown.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-    });
+    let connections = registry_listener.open_connections();
+    let http = tokio::spawn(registry_listener.run(app, shutdown.clone()));
     tracing::info!(
         listen.addr = %addr,
         data.dir = %data_dir.display(),
@@ -193,6 +196,8 @@ pub async fn start_with_store(
         grace: config.server.shutdown_grace.to_std(),
         cache,
         _lock: lock,
+        connections,
+        tls,
     })
 }
 
@@ -270,6 +275,16 @@ impl RunningServer {
         &self.cache
     }
 
+    /// What reloading the TLS files did so far; `None` without `[server.tls]`.
+    pub fn tls_reloads(&self) -> Option<TlsReloads> {
+        self.tls.as_ref().map(|t| t.reloads())
+    }
+
+    /// Client connections open on the registry listener.
+    pub fn open_connections(&self) -> usize {
+        self.connections.count()
+    }
+
     /// Stops accepting, lets requests and background work finish within the grace
     /// period, then returns.
     pub async fn stop(self) -> Result<(), ServerError> {
@@ -282,8 +297,7 @@ impl RunningServer {
         })
         .await;
         match drained {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(ServerError::Task(e.to_string())),
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(ServerError::Task(e.to_string())),
             Err(_) => {
                 tracing::warn!(

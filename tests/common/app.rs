@@ -75,6 +75,11 @@ impl TestApp {
         }
     }
 
+    /// The running server (between `stop` and a restart there is none).
+    pub fn server(&self) -> &RunningServer {
+        self.server.as_ref().expect("regcache is running")
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.config.server.data_dir.clone()
     }

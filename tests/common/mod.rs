@@ -15,8 +15,10 @@ pub mod data_dir;
 pub mod external;
 pub mod failing_store;
 pub mod fixture_upstream;
+pub mod held;
 pub mod images;
 pub mod logs;
+pub mod tls;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
