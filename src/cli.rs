@@ -1,6 +1,7 @@
 //! Command-line entry points. The only place (with `main`) where `anyhow` is used.
 
 mod admin_ops;
+mod disk_status;
 mod format;
 mod ops;
 

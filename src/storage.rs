@@ -4,11 +4,13 @@
 
 mod backends;
 mod delete;
+mod disk;
 mod list;
 mod read;
 mod write;
 
 pub use backends::build;
+pub use disk::{is_out_of_space, read_record, space, DataDisk, DiskRecord, Space};
 pub use list::StoredObject;
 pub use read::BlobBody;
 pub use write::OpenUpload;

@@ -33,6 +33,10 @@ pub enum CacheError {
     Io(Arc<std::io::Error>),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("the upstream blob is {size} bytes, more than storage.max_blob_size ({max} bytes); nothing was stored")]
+    BlobTooLarge { size: u64, max: u64 },
+    #[error("{what} failed unexpectedly")]
+    Panicked { what: String },
 }
 
 impl CacheError {

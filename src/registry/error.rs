@@ -213,6 +213,13 @@ impl From<CacheError> for RegistryError {
             CacheError::ShuttingDown => {
                 Self::new(ErrorCode::Unavailable, StatusCode::SERVICE_UNAVAILABLE, message)
             }
+            CacheError::BlobTooLarge { .. } => {
+                Self::new(ErrorCode::Unknown, StatusCode::BAD_GATEWAY, message)
+            }
+            // Logged where it was caught, with its details.
+            CacheError::Panicked { .. } => {
+                Self::new(ErrorCode::Unknown, StatusCode::INTERNAL_SERVER_ERROR, message)
+            }
             CacheError::Metadata(_) | CacheError::Storage(_) | CacheError::Io(_) => {
                 // Logged once, here, where it becomes a 500.
                 tracing::error!(error = %message, "internal error");
