@@ -95,11 +95,16 @@ impl Cache {
     async fn run_transfer(self: Arc<Self>, t: Target, digest: Digest, key: TransferKey, tr: Arc<Transfer>) {
         let tmp = self.tmp_dir.join(format!("{}.part", ulid::Ulid::new()));
         let started = std::time::Instant::now();
-        // The write intent being held, so that it is withdrawn whatever stops the work.
+        // The write intent being held, so that a panic does not leave it behind. (One a
+        // shutdown leaves is cleared at the next start, like a crash's.)
         let intent = Mutex::new(None);
+        let mut panic = false;
         let result = tokio::select! {
             r = AssertUnwindSafe(self.download(&t, &digest, &key, &tr, &tmp, &intent)).catch_unwind() => {
-                r.unwrap_or_else(|panic| Err(panicked(&t, &digest, panic.as_ref())))
+                r.unwrap_or_else(|p| {
+                    panic = true;
+                    Err(panicked(&t, &digest, p.as_ref()))
+                })
             }
             () = self.shutdown.cancelled() => Err(CacheError::ShuttingDown),
         };
@@ -107,7 +112,7 @@ impl Cache {
         // failure, the temporary file goes now (followers keep their open handle).
         let _ = tokio::fs::remove_file(&tmp).await;
         let held = super::lock(&intent).take();
-        if let Some(id) = held {
+        if let (true, Some(id)) = (panic, held) {
             let _ = self.meta.abandon_write(id).await;
         }
         self.forget_transfer(&key, &tr);

@@ -78,6 +78,11 @@ impl TestApp {
         self.config.server.data_dir.clone()
     }
 
+    /// The running server (for its test hooks, e.g. `cache().panic_next_transfer`).
+    pub fn server(&self) -> &RunningServer {
+        self.server.as_ref().expect("regcache is running")
+    }
+
     /// Stops the server gracefully and starts it again on the same data dir (a new port).
     pub async fn restart_with(&mut self, tweak: impl FnOnce(&mut Config)) {
         self.relaunch(None, tweak).await;
