@@ -165,11 +165,13 @@ impl DataDisk {
     pub fn check(&self) -> bool {
         let needed = match self.lock().as_ref() {
             None => return false,
-            Some(e) => e.needed_bytes.max(RESUME_FREE_MIN_BYTES),
+            Some(e) => e.needed_bytes,
         };
         let Ok(space) = self.space() else {
             return true;
         };
+        // A write larger than half the disk does not keep an episode going for ever.
+        let needed = needed.min(space.total_bytes / 2).max(RESUME_FREE_MIN_BYTES);
         if space.free_bytes < needed {
             return true;
         }
@@ -261,9 +263,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let disk = DataDisk::open(dir.path());
         let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
-        disk.out_of_space("test", u64::MAX, &enospc);
-        assert!(disk.check(), "no disk has u64::MAX bytes free");
-        assert!(disk.is_full());
+        let total = space(dir.path()).unwrap().total_bytes;
+        let free = space(dir.path()).unwrap().free_bytes;
+        // More than is free, less than half the disk: the episode goes on.
+        if free + 1 < total / 2 {
+            disk.out_of_space("test", free + 1, &enospc);
+            assert!(disk.check(), "the failed write would not fit yet");
+            assert!(disk.is_full());
+            assert!(disk.check(), "still");
+        }
+        // More than half the disk: it ends once half the disk is free.
+        let ends = free >= total / 2;
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = DataDisk::open(other_dir.path());
+        other.out_of_space("test", u64::MAX, &enospc);
+        assert_eq!(!other.check(), ends);
     }
 
     #[test]
