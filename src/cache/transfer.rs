@@ -343,20 +343,31 @@ impl Cache {
             return Ok(false);
         };
         *super::lock(intent_slot) = Some(intent);
-        // A multipart upload is on record before its first part is sent (I2).
-        let upload = self.store.open_upload(digest, size).await?;
-        if let Some(u) = &upload {
-            if let Err(e) = self.meta.record_upload(intent, u.clone()).await {
-                let _ = self.store.abort_upload(u).await;
-                return Err(e.into());
+        let committed = async {
+            // A multipart upload is on record before its first part is sent (I2).
+            let upload = self.store.open_upload(digest, size).await?;
+            if let Some(u) = &upload {
+                if let Err(e) = self.meta.record_upload(intent, u.clone()).await {
+                    let _ = self.store.abort_upload(u).await;
+                    return Err(e.into());
+                }
             }
+            self.store.put_file(digest, tmp, size, upload.as_ref()).await?;
+            Ok::<_, CacheError>(
+                self.meta
+                    .commit_blob(&t.key, &d, size, intent, now_secs())
+                    .await?,
+            )
         }
-        self.store.put_file(digest, tmp, size, upload.as_ref()).await?;
-        let configs = self
-            .meta
-            .commit_blob(&t.key, &d, size, intent, now_secs())
-            .await?;
+        .await;
         *super::lock(intent_slot) = None;
+        let configs = match committed {
+            Ok(configs) => configs,
+            Err(e) => {
+                let _ = self.meta.abandon_write(intent).await;
+                return Err(e);
+            }
+        };
         if !configs.is_empty() && size <= CONFIG_MAX_BYTES {
             let bytes = read_at(file.clone(), 0, size).await?;
             if let Some(created) = config_created(&bytes) {
