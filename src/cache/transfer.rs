@@ -8,21 +8,23 @@
 //! full disk, a quota, an I/O error) the transfer passes through: the clients already
 //! waiting still get the complete, verified bytes, nothing is cached, the file goes (I10).
 
+mod follower;
 mod window;
 
 use super::{Cache, CacheError, Target, TransferKey};
 use crate::metadata::now_secs;
 use crate::oci::{config_created, Digest, Sha256Writer};
 use crate::storage::{is_out_of_space, BlobBody};
+use follower::read_at;
+pub(super) use follower::Follower;
 use futures::{FutureExt, StreamExt};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-pub(super) use window::Follower;
 pub(super) use window::Transfer as SharedTransfer;
-use window::{read_at, Batch, Transfer};
+use window::{Batch, Transfer};
 
 /// Bytes hashed, or written, per blocking job, at most: big enough that a job's cost is
 /// the work, small enough that hashing and writing stay close behind the network. One
