@@ -79,17 +79,18 @@ async fn a_disk_filling_up_mid_transfer_passes_the_blob_through_to_every_waiting
     let app = std::sync::Arc::new(start_on(&disk, &upstream, |_| {}).await);
     let path = format!("/v2/r/blobs/{}", layer.digest);
 
-    let mut clients = Vec::new();
-    for _ in 0..2 {
-        let (app, path) = (app.clone(), path.clone());
-        clients.push(tokio::spawn(async move { ok_bytes(app.get(&path).await).await }));
-    }
-    let (ranged_app, ranged_path) = (app.clone(), path.clone());
-    let ranged = tokio::spawn(async move {
-        let resp = ranged_app.get_range(&ranged_path, "bytes=100-199").await;
-        assert_eq!(resp.status(), 206);
-        ok_bytes(resp).await
-    });
+    // Every client has its answer's headers, so each is following the one transfer.
+    let (first, second, ranged) = tokio::join!(
+        app.get(&path),
+        app.get(&path),
+        app.get_range(&path, "bytes=100-199")
+    );
+    assert_eq!(ranged.status(), 206);
+    let clients: Vec<_> = [first, second]
+        .into_iter()
+        .map(|resp| tokio::spawn(ok_bytes(resp)))
+        .collect();
+    let ranged = tokio::spawn(ok_bytes(ranged));
     let part = |app: &TestApp| {
         std::fs::read_dir(app.data_dir().join("tmp"))
             .map(|d| {
