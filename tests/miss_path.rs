@@ -249,7 +249,7 @@ async fn missing_object_is_repaired_and_refetched() {
 #[tokio::test]
 async fn a_client_joining_late_reads_the_start_from_the_file_on_the_same_transfer() {
     let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
-    let image = Image::new("late", &[12 << 20], "2024-01-01T00:00:00Z");
+    let image = Image::new("late", &[24 << 20], "2024-01-01T00:00:00Z");
     upstream.add_image("r", Some("t"), &image);
     let layer = image.layers[0].clone();
     upstream.slow_blob(&layer.digest, 256 * 1024, Duration::from_millis(20));
@@ -275,11 +275,13 @@ async fn a_client_joining_late_reads_the_start_from_the_file_on_the_same_transfe
         part(&app) >= 9 << 20
     })
     .await;
+    let late = app.get(&path).await;
     assert_eq!(
-        ok_bytes(app.get(&path).await).await,
-        layer.bytes,
-        "the late client"
+        app.count("SELECT count(*) FROM blobs"),
+        0,
+        "the late client came while the transfer was running"
     );
+    assert_eq!(ok_bytes(late).await, layer.bytes, "the late client");
     assert_eq!(first.await.unwrap(), layer.bytes);
     assert_eq!(
         upstream.blob_gets(&layer.digest),
