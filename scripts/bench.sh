@@ -14,13 +14,17 @@
 #   - warm blob GET MB/s for regcache, the peer and nginx (sendfile, same file), measured
 #     the same way: one curl process, sequential GETs on one keep-alive connection;
 #   - warm tag-manifest GETs/s with wrk -t2 -c32 -d10s for regcache and the peer, plus the
-#     upstream requests each run caused (regcache shares one in-flight HEAD per tag).
+#     upstream requests each run caused (regcache shares one in-flight HEAD per tag);
+#   - the miss path's speed: one client GETs a fresh (cold) 64 MiB blob straight from the
+#     upstream docker-registry, through regcache and through the peer, in rotating order,
+#     BENCH_COLD_ROUNDS times with a new blob each round; medians and ratios to direct.
 # Exit status: 0 whether targets are met or not (this is a report); non-zero only when
 # something broke (a server did not start, a body had the wrong digest, requests failed).
 #
 # Knobs (env): BENCH_KEEP=1 keeps the work dir; BENCH_WARM_ROUNDS (default 4) x
 # BENCH_WARM_PER_ROUND (default 5) measured warm blob GETs per server; BENCH_WRK_SECS
-# (default 10); BENCH_SKIP_BUILD=1 uses the existing target/release/regcache.
+# (default 10); BENCH_COLD_ROUNDS (default 7) single cold GETs per server;
+# BENCH_SKIP_BUILD=1 uses the existing target/release/regcache.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,6 +36,7 @@ WARM_PER_ROUND=${BENCH_WARM_PER_ROUND:-5}
 WARM_RUNS=$((WARM_ROUNDS * WARM_PER_ROUND))
 WRK_SECS=${BENCH_WRK_SECS:-10}
 COLD_CLIENTS=20
+COLD_ROUNDS=${BENCH_COLD_ROUNDS:-7}
 STARTUP_DEADLINE_SECS=30
 START_ATTEMPTS=3
 MANIFEST_ACCEPT='application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json'
@@ -424,6 +429,53 @@ cpu0=$(cpu_ticks "$PEER_PID")
 cold_fetch peer "$PEER_URL" PEER_COLD
 PEER_COLD_CPU=$(ticks_to_secs $(($(cpu_ticks "$PEER_PID") - cpu0)))
 
+# ----- 3b. one client, one cold 64 MiB blob: direct, regcache, peer ---------------------------
+# seed_cold_blob: uploads a fresh random blob of BIG_SIZE to the upstream as bench/cold (the
+# registry's monolithic upload: POST, then PUT with the digest); prints its digest.
+seed_cold_blob() {
+  local f="$WORK/cold-blob" digest loc sep
+  head -c "$BIG_SIZE" /dev/urandom >"$f"
+  digest=sha256:$(sha256sum "$f" | cut -d' ' -f1)
+  loc=$(curl -fsS -X POST -D - -o /dev/null "$UP_URL/v2/bench/cold/blobs/uploads/" | tr -d '\r' |
+    awk 'tolower($1) == "location:" {print $2}') || die "starting an upload of a cold blob"
+  [[ $loc == http* ]] || loc="$UP_URL$loc"
+  if [[ $loc == *\?* ]]; then sep='&'; else sep='?'; fi
+  curl -fsS -X PUT -H 'Content-Type: application/octet-stream' --data-binary "@$f" -o /dev/null \
+    "$loc${sep}digest=$digest" || die "uploading a cold blob"
+  rm -f "$f"
+  echo "$digest"
+}
+
+# cold_get NAME URL: one GET to /dev/null; appends its seconds to cold1-NAME.txt. The body's
+# size is checked here; its digest is checked by regcache (or the 20-client fetch above).
+cold_get() {
+  local out
+  out=$(curl -fsS --max-time 120 -o /dev/null -w '%{size_download} %{time_total}' "$2") ||
+    die "$1: cold GET $2 failed"
+  [[ ${out% *} == "$BIG_SIZE" ]] || die "$1: cold GET returned ${out% *} bytes, expected $BIG_SIZE"
+  echo "${out#* }" >>"$WORK/cold1-$1.txt"
+}
+
+log "cold, one client: $COLD_ROUNDS rounds of a fresh 64 MiB blob, direct / regcache / peer"
+for ((round = 0; round < COLD_ROUNDS; round++)); do
+  digest=$(seed_cold_blob)
+  targets=(direct regcache peer)
+  for ((i = 0; i < 3; i++)); do # rotating order: no server always goes first
+    case ${targets[$(((round + i) % 3))]} in
+      direct) cold_get direct "$UP_URL/v2/bench/cold/blobs/$digest" ;;
+      regcache) cold_get regcache "$RC_URL/v2/bench/cold/blobs/$digest" ;;
+      peer) cold_get peer "$PEER_URL/v2/bench/cold/blobs/$digest" ;;
+    esac
+  done
+done
+median_file() { python3 -c "import statistics, sys; print('%.3f' % statistics.median(float(l) for l in open(sys.argv[1])))" "$1"; }
+COLD1_DIRECT=$(median_file "$WORK/cold1-direct.txt")
+COLD1_RC=$(median_file "$WORK/cold1-regcache.txt")
+COLD1_PEER=$(median_file "$WORK/cold1-peer.txt")
+COLD1_ALL_DIRECT=$(paste -sd' ' "$WORK/cold1-direct.txt")
+COLD1_ALL_RC=$(paste -sd' ' "$WORK/cold1-regcache.txt")
+COLD1_ALL_PEER=$(paste -sd' ' "$WORK/cold1-peer.txt")
+
 # ----- 4. warm blob GETs ----------------------------------------------------------------------
 start_nginx
 log "nginx on :$NG_PORT (pid $NG_PID)"
@@ -511,6 +563,18 @@ printf '%-44s %10s %10s %10s %8s %8s %6s\n' "server CPU s: wrk manifest run" \
   "$RC_MF_CPU" "$PEER_MF_CPU" "-" "" "" ""
 printf '%-44s %10s %10s %10s %8s %8s %6s\n' "upstream CPU s: wrk manifest run" \
   "$RC_MF_UP_CPU" "$PEER_MF_UP_CPU" "-" "" "" ""
+COLD1_RC_RATIO=$(ratio "$COLD1_RC" "$COLD1_DIRECT")
+COLD1_PEER_RATIO=$(ratio "$COLD1_PEER" "$COLD1_DIRECT")
+echo
+echo "cold 64 MiB blob, one client, a fresh blob per round: median of $COLD_ROUNDS GETs, seconds"
+printf '%-44s %10s %8s %8s %6s\n' "server" "seconds" "ratio" "target" "result"
+printf '%-44s %10s %8s %8s %6s\n' "docker-registry (the upstream), direct" "$COLD1_DIRECT" "1.00x" "" ""
+printf '%-44s %10s %8s %8s %6s\n' "regcache, cold" "$COLD1_RC" "${COLD1_RC_RATIO}x" "<=1.25x" \
+  "$(verdict "$COLD1_RC_RATIO <= 1.25")"
+printf '%-44s %10s %8s %8s %6s\n' "peer (docker-registry proxy), cold" "$COLD1_PEER" "${COLD1_PEER_RATIO}x" "" ""
+echo "  every GET, s: direct $COLD1_ALL_DIRECT"
+echo "                regcache $COLD1_ALL_RC"
+echo "                peer $COLD1_ALL_PEER"
 echo
 echo "RSS: regcache before the cold fetch $((RC_RSS_BEFORE_KIB / 1024)) MiB; peak $(( RC_PEAK_KIB / 1024 )) MiB" \
   "(VmHWM after reset: $((RC_HWM_KIB / 1024)) MiB$( ((HWM_RESET)) || echo ', reset unavailable'); 10 ms samples: $((RC_RSS_SAMPLED_KIB / 1024)) MiB)"

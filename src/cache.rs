@@ -15,7 +15,7 @@ mod uses;
 pub use crate::config::{Config, Duration};
 use crate::metadata::{Metadata, RepoKey};
 use crate::oci::{Digest, RepoName};
-use crate::storage::BlobStore;
+use crate::storage::{is_out_of_space, BlobStore, DataDisk, StorageError};
 use crate::upstream::{RouteError, Upstream, Upstreams};
 pub use active::{ActiveBlobs, ActiveGuard};
 pub use blobs::{BlobResponse, ByteRange};
@@ -26,7 +26,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 pub use uses::UseBuffer;
@@ -46,6 +45,10 @@ pub struct CacheSettings {
     pub offline: bool,
     pub revalidate_after: Duration,
     pub revalidate_timeout: Duration,
+    /// `storage.max_blob_size`, in bytes.
+    pub max_blob_size: u64,
+    /// `storage.max_size`, in bytes.
+    pub max_size: Option<u64>,
 }
 
 impl CacheSettings {
@@ -54,6 +57,8 @@ impl CacheSettings {
             offline: config.proxy.offline,
             revalidate_after: config.proxy.revalidate_after,
             revalidate_timeout: config.proxy.revalidate_timeout,
+            max_blob_size: config.storage.max_blob_size.as_u64(),
+            max_size: config.storage.max_size.map(|m| m.as_u64()),
         }
     }
 }
@@ -70,6 +75,8 @@ pub struct CacheParts {
     pub settings: CacheSettings,
     pub active: Arc<ActiveBlobs>,
     pub uses: Arc<UseBuffer>,
+    /// The data dir's disk: free space, and episodes of it being full.
+    pub disk: Arc<DataDisk>,
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
 }
@@ -82,7 +89,7 @@ pub struct Cache {
     tmp_dir: PathBuf,
     settings: CacheSettings,
     /// Blob downloads in progress, one per (repository, digest).
-    transfers: Mutex<HashMap<TransferKey, watch::Receiver<transfer::State>>>,
+    transfers: Mutex<HashMap<TransferKey, Arc<transfer::SharedTransfer>>>,
     /// Tag revalidation HEADs in progress: concurrent requests share one.
     revalidations: SingleFlight<(RepoKey, String), Option<String>>,
     /// Manifest fetches in progress.
@@ -96,6 +103,7 @@ pub struct Cache {
     uses: Arc<UseBuffer>,
     /// Blobs being served right now: eviction never picks them.
     active: Arc<ActiveBlobs>,
+    disk: Arc<DataDisk>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -118,6 +126,7 @@ impl Cache {
             settings,
             active,
             uses,
+            disk,
             tasks,
             shutdown,
         } = parts;
@@ -138,6 +147,7 @@ impl Cache {
             checked: Mutex::default(),
             uses,
             active,
+            disk,
             tasks,
             shutdown,
         }))
@@ -175,9 +185,23 @@ impl Cache {
         })
     }
 
-    /// Background work the cache owns: flushing recorded uses. Returns when `shutdown`
-    /// fires, after a last flush.
+    /// Background work the cache owns: flushing recorded uses, and noticing that a full
+    /// disk has space again. Returns when `shutdown` fires, after a last flush.
     pub async fn run_background(self: Arc<Self>) {
-        uses::flush_loop(&self.uses, &self.meta, &self.shutdown).await;
+        uses::flush_loop(&self.uses, &self.meta, &self.disk, &self.shutdown).await;
+    }
+
+    pub fn disk(&self) -> &Arc<DataDisk> {
+        &self.disk
+    }
+}
+
+/// Whether a cache error comes from a full disk (SQLite's or a local file's).
+fn out_of_space(e: &CacheError) -> bool {
+    match e {
+        CacheError::Metadata(m) => m.is_disk_full(),
+        CacheError::Storage(s) => matches!(&**s, StorageError::Io { source, .. } if is_out_of_space(source)),
+        CacheError::Io(io) => is_out_of_space(io),
+        _ => false,
     }
 }

@@ -2,6 +2,7 @@
 
 mod admin_ops;
 mod args;
+mod disk_status;
 mod format;
 mod ops;
 mod pins;

@@ -258,6 +258,11 @@ pub struct StorageConfig {
     /// Where eviction stops, in percent of `max_size`. Default 90.
     #[serde(default = "default_low_watermark")]
     pub low_watermark_percent: u8,
+    /// The largest blob regcache transfers, in bytes: an upstream answer announcing more
+    /// is refused before its body is read, and a body sent without `Content-Length` is cut
+    /// off past it (and past the room `max_size` leaves, for caching). Default `64GiB`.
+    #[serde(default = "default_max_blob_size")]
+    pub max_blob_size: ByteSize,
     /// How often reconciliation (storage against metadata) runs in the server; it also
     /// runs once at start-up. `"0"` = only at start-up. Default `24h`.
     #[serde(default = "default_reconcile_interval")]
@@ -278,6 +283,7 @@ impl Default for StorageConfig {
             fsync: false,
             max_size: None,
             low_watermark_percent: default_low_watermark(),
+            max_blob_size: default_max_blob_size(),
             reconcile_interval: default_reconcile_interval(),
             reconcile_grace: default_reconcile_grace(),
             s3: None,
@@ -333,6 +339,11 @@ fn default_reconcile_grace() -> Duration {
 }
 fn default_low_watermark() -> u8 {
     90
+}
+/// Larger than any layer seen in practice (the largest public ones are tens of GiB), small
+/// enough that an upstream cannot stream without end into the temporary directory.
+fn default_max_blob_size() -> ByteSize {
+    ByteSize::from_bytes(64 << 30)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

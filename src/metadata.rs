@@ -62,6 +62,16 @@ pub enum MetadataError {
     RepositoryBeingDeleted { repo: String },
 }
 
+impl MetadataError {
+    /// Whether SQLite could not write for lack of disk space (SQLITE_FULL).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(
+            self,
+            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DiskFull
+        )
+    }
+}
+
 /// Why deletes wait when `storage.delete.enabled` is false, as recorded on deferred rows.
 pub const DELETES_DISABLED_REASON: &str = "storage.delete.enabled=false";
 

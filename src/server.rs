@@ -136,6 +136,7 @@ pub async fn start_with_store(
     let tmp_dir = data_dir.join("tmp");
     let active = Arc::new(ActiveBlobs::default());
     let uses = Arc::new(UseBuffer::default());
+    let disk = Arc::new(crate::storage::DataDisk::open(&data_dir));
     let cache = Cache::new(CacheParts {
         meta: meta.clone(),
         store: store.clone(),
@@ -144,6 +145,7 @@ pub async fn start_with_store(
         settings: CacheSettings::from_config(&config),
         active: active.clone(),
         uses: uses.clone(),
+        disk,
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
     })

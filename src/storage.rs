@@ -4,12 +4,14 @@
 
 mod backends;
 mod delete;
+mod disk;
 mod list;
 mod owner;
 mod read;
 mod write;
 
 pub use backends::build;
+pub use disk::{is_out_of_space, read_record, space, DataDisk, DiskRecord, Space};
 pub use list::StoredObject;
 pub use owner::{PrefixOwner, OWNER_MARKER};
 pub use read::BlobBody;

@@ -1,7 +1,8 @@
 //! Failing storage (I3, I4): deletes that fail are kept as rows with their error, retried
 //! with capped exponential backoff, survive a restart, and finish once storage heals;
 //! nothing else is lost. `regcache status` names the oldest failing delete. The same on S3
-//! with the S3 server (moto) stopped for a while. A write that fails stores nothing (I2).
+//! with the S3 server (moto) stopped for a while. A write that fails stores nothing (I2),
+//! and the verified blob is still served (I10).
 
 mod common;
 
@@ -327,16 +328,10 @@ async fn a_failed_write_stores_nothing_and_the_next_pull_caches_the_blob() {
     let path = format!("/v2/team/app/blobs/{}", layer.digest);
 
     store.fail_puts(1);
-    let resp = app.get(&path).await;
-    let served = if resp.status().is_success() {
-        resp.bytes().await.ok()
-    } else {
-        None
-    };
-    assert!(
-        served.is_none_or(|b| sha256_digest(&b) != layer.digest),
-        "a blob whose write failed is not served as complete"
-    );
+    // The bytes were verified before the write: a failing store costs caching, not the
+    // answer (I10).
+    let served = ok_bytes(app.get(&path).await).await;
+    assert_eq!(sha256_digest(&served), layer.digest, "served whole, uncached");
     assert_eq!(store.puts_failed(), 1);
     wait_until_async("the failed transfer cleaned up", DEADLINE, || async {
         app.tmp_files() == 0
@@ -504,16 +499,9 @@ async fn a_failed_multipart_write_on_s3_is_aborted_not_left_open() {
     let path = format!("/v2/team/app/blobs/{}", layer.digest);
 
     store.fail_parts();
-    let resp = app.get(&path).await;
-    let served = if resp.status().is_success() {
-        resp.bytes().await.ok()
-    } else {
-        None
-    };
-    assert!(
-        served.is_none_or(|b| sha256_digest(&b) != layer.digest),
-        "a blob whose upload failed is not served as complete"
-    );
+    // Verified before the upload: a failing store costs caching, not the answer (I10).
+    let served = ok_bytes(app.get(&path).await).await;
+    assert_eq!(sha256_digest(&served), layer.digest, "served whole, uncached");
     wait_until_async("the failed transfer ended", DEADLINE, || async {
         app.tmp_files() == 0
     })

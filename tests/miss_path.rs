@@ -245,3 +245,89 @@ async fn missing_object_is_repaired_and_refetched() {
     assert_eq!(upstream.blob_gets(&layer.digest), 2);
     assert_eq!(app.stored_blob_files().len(), 1);
 }
+
+#[tokio::test]
+async fn a_client_joining_late_reads_the_start_from_the_file_on_the_same_transfer() {
+    let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
+    let image = Image::new("late", &[24 << 20], "2024-01-01T00:00:00Z");
+    upstream.add_image("r", Some("t"), &image);
+    let layer = image.layers[0].clone();
+    upstream.slow_blob(&layer.digest, 256 * 1024, Duration::from_millis(20));
+    let app = std::sync::Arc::new(TestApp::start(&upstream.url()).await);
+    let path = format!("/v2/r/blobs/{}", layer.digest);
+
+    let (first_app, first_path) = (app.clone(), path.clone());
+    let first = tokio::spawn(async move { ok_bytes(first_app.get(&first_path).await).await });
+    // Past the 8 MiB kept in memory: the start of the blob is only in the file now.
+    let part = |app: &TestApp| {
+        std::fs::read_dir(app.data_dir().join("tmp"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .max()
+            })
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    };
+    wait_until_async("over 9 MiB are written", DEADLINE, || async {
+        part(&app) >= 9 << 20
+    })
+    .await;
+    let late = app.get(&path).await;
+    assert_eq!(
+        app.count("SELECT count(*) FROM blobs"),
+        0,
+        "the late client came while the transfer was running"
+    );
+    assert_eq!(ok_bytes(late).await, layer.bytes, "the late client");
+    assert_eq!(first.await.unwrap(), layer.bytes);
+    assert_eq!(
+        upstream.blob_gets(&layer.digest),
+        1,
+        "it joined the running transfer"
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_transfer_fails_its_clients_alone_and_releases_its_key() {
+    let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
+    let image = Image::new("panics", &[1_000_000, 500_000], "2024-01-01T00:00:00Z");
+    upstream.add_image("r", Some("t"), &image);
+    let (doomed, other) = (image.layers[0].clone(), image.layers[1].clone());
+    upstream.slow_blob(&doomed.digest, 50_000, Duration::from_millis(20));
+    let app = std::sync::Arc::new(TestApp::start(&upstream.url()).await);
+    regcache::fault::panic_once("cache.transfer", &doomed.digest);
+    let path = format!("/v2/r/blobs/{}", doomed.digest);
+
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let (app, path, doomed) = (app.clone(), path.clone(), doomed.clone());
+        clients.push(tokio::spawn(async move {
+            tokio::time::timeout(DEADLINE, assert_transfer_fails(&app, &path, &doomed))
+                .await
+                .expect("a client of a panicked transfer gets an answer")
+        }));
+    }
+    let other_path = format!("/v2/r/blobs/{}", other.digest);
+    assert_eq!(
+        ok_bytes(app.get(&other_path).await).await,
+        other.bytes,
+        "other transfers go on"
+    );
+    for c in clients {
+        c.await.unwrap();
+    }
+    wait_tmp_empty(&app).await;
+    assert_eq!(app.count("SELECT count(*) FROM write_intents"), 0);
+    // The key was released: the next request starts a new transfer, which works.
+    let body = tokio::time::timeout(DEADLINE, async { ok_bytes(app.get(&path).await).await })
+        .await
+        .expect("the next request is answered");
+    assert_eq!(body, doomed.bytes);
+    wait_until_async("the blob is cached", DEADLINE, || async {
+        app.count("SELECT count(*) FROM blobs") == 2
+    })
+    .await;
+}

@@ -26,10 +26,12 @@ fn events(server: &Regcache, message: &str) -> Vec<Value> {
         .collect()
 }
 
-/// A config with two upstreams on ports nothing listens on, and `ttl`.
+/// A config with two upstreams on ports nothing listens on, and `ttl`. The connection cap
+/// is small so that the open-file limit of the machine running the test (which may be
+/// below what the default cap needs) cannot add a start-up warning of its own.
 fn config(dir: &Path, port: u16, dead: [u16; 2], ttl: &str) -> String {
     format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n\
+        "[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nmax_connections = 64\n\
          [log]\nformat = \"json\"\nlevel = \"info\"\n[proxy]\nttl = \"{ttl}\"\n\
          [[upstream]]\nname = \"local\"\nurl = \"http://127.0.0.1:{}\"\ndefault = true\n\
          [[upstream]]\nname = \"other\"\nurl = \"http://127.0.0.1:{}\"\n",

@@ -1,7 +1,7 @@
 //! Serving blobs: hits from storage, misses through one shared transfer, and blobs cached
 //! for another repository only after the upstream confirms them for this one (I7).
 
-use super::transfer::{follow, wait_started};
+use super::transfer::follow;
 use super::{Cache, CacheError, Target};
 use crate::metadata::{now_secs, BlobAccess, Use};
 use crate::oci::Digest;
@@ -149,8 +149,8 @@ impl Cache {
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<BlobResponse, CacheError> {
-        let mut rx = self.join_transfer(t, digest);
-        let size = match wait_started(&mut rx).await {
+        let mut follower = self.join_transfer(t, digest);
+        let size = match follower.wait_started().await {
             Ok(size) => size,
             Err(CacheError::Upstream(e)) if e.is_not_found() => {
                 return Err(CacheError::BlobUnknown {
@@ -165,11 +165,12 @@ impl Cache {
             _ => None,
         };
         let (start, end) = range.as_ref().map_or((0, None), |r| (r.start, Some(r.end)));
+        follower.seek(start, end).await?;
         let guard = self.active.hold(&digest.to_string());
         Ok(BlobResponse {
             size,
             range,
-            body: Some(hold_while_streaming(follow(rx, start, end), guard)),
+            body: Some(hold_while_streaming(follow(follower), guard)),
         })
     }
 }

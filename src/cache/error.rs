@@ -33,6 +33,8 @@ pub enum CacheError {
     Io(Arc<std::io::Error>),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("the upstream blob is {size} bytes, more than storage.max_blob_size ({max} bytes); nothing was stored")]
+    BlobTooLarge { size: u64, max: u64 },
     /// A computation shared by several requests panicked; the panic was logged with this
     /// id, which every waiter's 500 carries.
     #[error("internal error {error_id} (a panic)")]

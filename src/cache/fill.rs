@@ -5,7 +5,6 @@
 //! Unlike a client's request, an upstream that cannot answer is an error here, never a
 //! stale copy served in silence.
 
-use super::transfer::State;
 use super::{Cache, CacheError, Target};
 use crate::metadata::{now_secs, BlobAccess, ManifestRecord, Use};
 use crate::oci::{Digest, Reference};
@@ -98,29 +97,29 @@ impl Cache {
             tracing::warn!(repo.name = %t.key, blob.digest = %digest, "blob missing from storage; refetching");
             self.meta.forget_blob(&d).await?;
         }
-        let mut rx = self.join_transfer(t, digest);
-        let mut reported = 0;
-        let size = loop {
-            let state = rx.borrow_and_update().clone();
-            match state {
-                State::Starting => {}
-                State::Streaming { written, .. } => {
-                    progress(written.saturating_sub(reported));
-                    reported = reported.max(written);
-                }
-                State::Done { size, .. } => {
-                    progress(size.saturating_sub(reported));
-                    break size;
-                }
-                State::Failed(CacheError::Upstream(e)) if e.is_not_found() => {
-                    return Err(CacheError::BlobUnknown { digest: d })
-                }
-                State::Failed(e) => return Err(e),
+        // Followed as a client would be (so a transfer passing through is paced by this
+        // reader too), counting the bytes for `progress`; the end comes only after the
+        // digest was verified.
+        let mut follower = self.join_transfer(t, digest);
+        match follower.wait_started().await {
+            Err(CacheError::Upstream(e)) if e.is_not_found() => {
+                return Err(CacheError::BlobUnknown { digest: d })
             }
-            if rx.changed().await.is_err() {
-                return Err(CacheError::ShuttingDown);
-            }
+            other => other?,
         };
+        follower.seek(0, None).await?;
+        let mut size = 0;
+        while let Some(chunk) = follower.next().await {
+            let chunk =
+                chunk.map_err(
+                    |e| match e.get_ref().and_then(|r| r.downcast_ref::<CacheError>()) {
+                        Some(cause) => cause.clone(),
+                        None => CacheError::Io(Arc::new(e)),
+                    },
+                )?;
+            size += chunk.len() as u64;
+            progress(chunk.len() as u64);
+        }
         // A transfer that found its digest being deleted serves its clients without
         // storing: say so rather than count the blob as cached.
         Ok(match self.meta.blob_access(&t.key, &d).await? {

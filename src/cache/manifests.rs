@@ -181,7 +181,8 @@ impl Cache {
             Reference::Digest(_) => None,
         };
         let strings = |v: &[Digest]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
-        self.meta
+        let stored = self
+            .meta
             .store_manifest(
                 &t.key,
                 tag,
@@ -197,8 +198,17 @@ impl Cache {
                 },
                 now_secs(),
             )
-            .await?;
-        tracing::info!(repo.name = %t.key, manifest.reference = %reference, manifest.digest = %record.digest, "manifest cached");
+            .await;
+        match stored {
+            Ok(_) => {
+                tracing::info!(repo.name = %t.key, manifest.reference = %reference, manifest.digest = %record.digest, "manifest cached");
+            }
+            // The manifest is verified: serve it, and cache it on a later request (I10).
+            Err(e) if e.is_disk_full() => {
+                self.disk.out_of_space("manifest", record.body.len() as u64, &e);
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok(record)
     }
 }

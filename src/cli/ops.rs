@@ -30,8 +30,19 @@ pub(super) async fn open_metadata(config: &Config) -> anyhow::Result<Metadata> {
 pub(super) async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     let meta = open_metadata(config).await?;
     let s = meta.status().await?;
+    let disk = super::disk_status::DiskStatus::measure(&config.server.data_dir);
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            #[serde(flatten)]
+            status: &'a crate::metadata::Status,
+            disk: &'a super::disk_status::DiskStatus,
+        }
+        let out = Out {
+            status: &s,
+            disk: &disk,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     let count_bytes = |c: &crate::metadata::CountBytes| format!("{} ({})", c.count, bytes(c.bytes));
@@ -80,6 +91,7 @@ pub(super) async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     for (upstream, ttl) in &s.ttls {
         rows.push(("", format!("ttl of upstream {upstream} = {}", secs(*ttl))));
     }
+    rows.extend(disk.rows(now_secs()));
     print!("{}", fields(&rows));
     Ok(())
 }

@@ -56,6 +56,7 @@ pub(super) async fn prefetch(config: &Config, list: &Path, json: bool) -> anyhow
         settings: CacheSettings::from_config(config),
         active: Arc::default(),
         uses: Arc::default(),
+        disk: Arc::new(crate::storage::DataDisk::unrecorded(&config.server.data_dir)),
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
     })

@@ -362,6 +362,7 @@ mod tests {
             "retry_max",
             "max_size",
             "low_watermark_percent",
+            "max_blob_size",
             "reconcile_interval",
             "reconcile_grace",
             "bucket",

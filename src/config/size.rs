@@ -11,6 +11,10 @@ impl ByteSize {
     pub fn as_u64(self) -> u64 {
         self.0
     }
+
+    pub const fn from_bytes(n: u64) -> Self {
+        Self(n)
+    }
 }
 
 impl FromStr for ByteSize {

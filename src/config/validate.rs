@@ -181,6 +181,9 @@ fn validate_storage(config: &mut Config) -> Result<(), ConfigError> {
             "must be greater than 0 (leave it out for no bound)",
         ));
     }
+    if config.storage.max_blob_size.as_u64() == 0 {
+        return Err(invalid("storage.max_blob_size", "must be greater than 0"));
+    }
     match config.storage.backend {
         Backend::S3 => {
             let s3 = config.storage.s3.as_mut().ok_or_else(|| {

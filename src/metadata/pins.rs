@@ -429,7 +429,7 @@ mod tests {
             "after a ttl change: {f:?}"
         );
         // A use does not give a pinned row a due time back.
-        meta.record_uses(vec![(crate::metadata::Use::Tag(key(), "v1".into()), 1100)])
+        meta.record_uses(vec![(crate::metadata::Use::Tag(key(), "v1".into()), 1100)].into())
             .await
             .unwrap();
         assert!(flags(&meta)

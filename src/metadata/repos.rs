@@ -3,6 +3,7 @@
 use super::expiry::expiry_sql;
 use super::{Metadata, MetadataError};
 use rusqlite::{params, Connection, OptionalExtension};
+use std::sync::Arc;
 
 /// A repository as the cache knows it: which upstream, and its name there.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -76,7 +77,7 @@ impl Metadata {
 
     /// Records a batch of uses at their times, in one transaction. Rows that no longer
     /// exist are skipped: a use never resurrects what was removed.
-    pub async fn record_uses(&self, uses: Vec<(Use, i64)>) -> Result<(), MetadataError> {
+    pub async fn record_uses(&self, uses: Arc<[(Use, i64)]>) -> Result<(), MetadataError> {
         if uses.is_empty() {
             return Ok(());
         }
@@ -110,7 +111,7 @@ impl Metadata {
                     expiry_sql("max(tags.last_used_at, ?4)", "tags.repo_id")
                 ),
             )?;
-            for (u, at) in &uses {
+            for (u, at) in uses.iter() {
                 let (repo, key) = match u {
                     Use::Blob(r, d) => {
                         blob_stmt.execute(params![r.upstream, r.name, d, at])?;

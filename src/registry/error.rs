@@ -376,6 +376,14 @@ impl From<CacheError> for RegistryError {
                 INTERNAL,
                 error_id,
             ),
+            // The size names only the bound the operator set.
+            CacheError::BlobTooLarge { .. } => Self::withheld(
+                ErrorCode::Unknown,
+                StatusCode::BAD_GATEWAY,
+                &message,
+                Severity::Upstream,
+                &message,
+            ),
         }
     }
 }

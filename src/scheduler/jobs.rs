@@ -96,8 +96,16 @@ pub fn spawn_workers(
 }
 
 async fn worker(s: Scheduler, kinds: &'static [&'static str], body: JobBody) {
+    // Logged when claims start failing (a full disk, say) and when they work again, not
+    // every second in between.
+    let mut claims_failing = false;
     loop {
-        match s.meta.claim_job(kinds, now_secs(), s.jobs.lease_secs()).await {
+        let claimed = s.meta.claim_job(kinds, now_secs(), s.jobs.lease_secs()).await;
+        if claimed.is_ok() && claims_failing {
+            claims_failing = false;
+            tracing::info!("claiming jobs works again");
+        }
+        match claimed {
             Ok(Some(job)) => run_claimed(&s, job, &body).await,
             Ok(None) => {
                 tokio::select! {
@@ -107,7 +115,10 @@ async fn worker(s: Scheduler, kinds: &'static [&'static str], body: JobBody) {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "claiming a job failed; retrying");
+                if !claims_failing {
+                    claims_failing = true;
+                    tracing::warn!(error = %e, "claiming a job failed; retrying every second");
+                }
                 if s.pause(POLL).await {
                     return;
                 }

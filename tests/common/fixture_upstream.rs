@@ -177,6 +177,10 @@ struct FixtureState {
     corrupt: HashSet<String>,
     truncate: HashMap<String, usize>,
     slow: HashMap<String, (usize, Duration)>,
+    /// Digests served without `Content-Length` (chunked).
+    no_length: HashSet<String>,
+    /// Digests whose body waits, after the headers, until the token is cancelled.
+    held: HashMap<String, CancellationToken>,
     failure: Option<FailRule>,
     delay: Duration,
     redirect_blobs: Option<String>,
@@ -386,12 +390,39 @@ impl FixtureUpstream {
             .insert(digest.to_owned(), (bytes_per_chunk.max(1), pause));
     }
 
-    /// Undoes `corrupt_blob`, `truncate_blob` and `slow_blob` for this digest.
+    /// Serves this digest's body without `Content-Length` (chunked), as some registries
+    /// and proxies do.
+    pub fn unsized_blob(&self, digest: &str) {
+        self.shared.lock().no_length.insert(digest.to_owned());
+    }
+
+    /// Sends this digest's headers, then holds its body back until `release_blob` (or
+    /// `stop`), so a test can tell whether a client read any of it.
+    pub fn hold_blob(&self, digest: &str) {
+        self.shared
+            .lock()
+            .held
+            .insert(digest.to_owned(), CancellationToken::new());
+    }
+
+    /// Lets bodies held by `hold_blob` go on; later ones are not held.
+    pub fn release_blob(&self, digest: &str) {
+        if let Some(token) = self.shared.lock().held.remove(digest) {
+            token.cancel();
+        }
+    }
+
+    /// Undoes `corrupt_blob`, `truncate_blob`, `slow_blob`, `unsized_blob` and `hold_blob`
+    /// for this digest.
     pub fn heal_blob(&self, digest: &str) {
         let mut state = self.shared.lock();
         state.corrupt.remove(digest);
         state.truncate.remove(digest);
         state.slow.remove(digest);
+        state.no_length.remove(digest);
+        if let Some(token) = state.held.remove(digest) {
+            token.cancel();
+        }
     }
 
     /// Every request (token endpoint included) answers `status` with an OCI error body
@@ -648,11 +679,13 @@ fn is_digest(s: &str) -> bool {
 }
 
 /// What to do to one response body, snapshotted under the lock.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Misbehaviour {
     corrupt: bool,
     truncate_at: Option<usize>,
     slow: Option<(usize, Duration)>,
+    no_length: bool,
+    held: Option<CancellationToken>,
 }
 
 impl Shared {
@@ -993,6 +1026,8 @@ fn misbehaviour(state: &FixtureState, digest: &str) -> Misbehaviour {
         corrupt: state.corrupt.contains(digest),
         truncate_at: state.truncate.get(digest).copied(),
         slow: state.slow.get(digest).copied(),
+        no_length: state.no_length.contains(digest),
+        held: state.held.get(digest).cloned(),
     }
 }
 
@@ -1051,11 +1086,13 @@ fn content_response(
         .status(status)
         .header(header::CONTENT_TYPE, media_type)
         .header("Docker-Content-Digest", digest)
-        .header(header::CONTENT_LENGTH, body.len())
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::ETAG, format!("\"{digest}\""));
     if let Some((start, end)) = range {
         builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{total}"));
+    }
+    if !mis.no_length {
+        builder = builder.header(header::CONTENT_LENGTH, body.len());
     }
     let body = if method == Method::HEAD {
         Body::empty()
@@ -1072,18 +1109,29 @@ const TRUNCATE_FLUSH_GRACE: Duration = Duration::from_millis(50);
 /// `truncate_at` bytes (hyper then drops the connection: the client sees fewer bytes than
 /// `Content-Length` promised).
 fn misbehaving_body(data: Bytes, mis: Misbehaviour, kill: CancellationToken) -> Body {
-    if mis.truncate_at.is_none() && mis.slow.is_none() {
+    if mis.truncate_at.is_none() && mis.slow.is_none() && !mis.no_length && mis.held.is_none() {
         return Body::from(data);
     }
+    let held = mis.held.clone();
     let limit = mis.truncate_at.map_or(data.len(), |t| t.min(data.len()));
     let truncated = limit < data.len();
     let (chunk, pause) = mis.slow.unwrap_or((64 * 1024, Duration::ZERO));
     let stream = futures::stream::unfold(0usize, move |pos| {
         let data = data.clone();
         let kill = kill.clone();
+        let held = held.clone();
         async move {
             if pos > limit {
                 return None;
+            }
+            if let (0, Some(held)) = (pos, held) {
+                tokio::select! {
+                    () = held.cancelled() => {}
+                    () = kill.cancelled() => {
+                        let err = io::Error::new(io::ErrorKind::ConnectionAborted, "stopped");
+                        return Some((Err(err), limit + 1));
+                    }
+                }
             }
             if pos == limit {
                 if !truncated {

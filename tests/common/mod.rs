@@ -19,6 +19,7 @@ pub mod held;
 pub mod images;
 pub mod logs;
 pub mod tls;
+pub mod tmpfs;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
