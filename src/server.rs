@@ -127,7 +127,8 @@ pub async fn start_with_store(
         shutdown: shutdown.clone(),
     }
     .spawn(&tasks);
-    let registry = crate::registry::router(cache.clone());
+    let observer = crate::metrics::Observer::new(&config, cache.clone());
+    let registry = crate::registry::router(cache.clone()).merge(observer.registry_routes());
     let app = match &config.admin.listen {
         None => registry.merge(admin),
         Some(admin_addr) => {
@@ -138,6 +139,9 @@ pub async fn start_with_store(
                     source,
                 })?;
             let stop = shutdown.clone();
+            let admin = observer
+                .layer(admin.merge(observer.admin_routes()))
+                .into_make_service_with_connect_info::<SocketAddr>();
             tasks.spawn(async move {
                 let served = axum::serve(admin_listener, admin)
                     .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -149,6 +153,16 @@ pub async fn start_with_store(
             registry
         }
     };
+    if let Some(metrics) = observer
+        .bind_listener()
+        .await
+        .map_err(|(addr, source)| ServerError::Bind { addr, source })?
+    {
+        tasks.spawn(metrics.serve(shutdown.clone()));
+    }
+    let app = observer
+        .layer(app)
+        .into_make_service_with_connect_info::<SocketAddr>();
     let stop = shutdown.clone();
     let http = tokio::spawn(async move {
         axum::serve(listener, app)

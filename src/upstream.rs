@@ -6,7 +6,9 @@ mod auth;
 mod client;
 mod error;
 mod routing;
+mod stats;
 
 pub use client::{FetchedManifest, FetchedReferrers, ManifestHead, Upstream};
 pub use error::UpstreamError;
 pub use routing::{RouteError, Routed, Upstreams};
+pub use stats::{Code, Health, Op, UpstreamStats};

@@ -1,6 +1,7 @@
 //! Tag lists and referrers: asked of the upstream when it answers, kept for when it
 //! does not (offline sites still list what they have).
 
+use super::outcome::{report, Outcome};
 use super::{Cache, CacheError, Target};
 use crate::metadata::{now_secs, ReferrersRecord};
 use crate::oci::Digest;
@@ -15,6 +16,7 @@ impl Cache {
         if !self.settings.offline {
             match t.upstream.tags(&t.repo).await {
                 Ok(mut names) => {
+                    report(Outcome::Miss);
                     names.sort();
                     names.dedup();
                     self.meta.store_tag_list(&t.key, &names, now_secs()).await?;
@@ -27,6 +29,7 @@ impl Cache {
                 }
                 Err(e) if e.is_unavailable() => {
                     tracing::warn!(repo.name = %t.key, error = %e, "upstream unavailable; listing cached tags");
+                    report(Outcome::Stale);
                     if let Some(names) = self.meta.known_tags(&t.key).await? {
                         return Ok(names);
                     }
@@ -35,6 +38,7 @@ impl Cache {
                 Err(e) => return Err(e.into()),
             }
         }
+        report(Outcome::Hit);
         self.meta
             .known_tags(&t.key)
             .await?
@@ -56,6 +60,7 @@ impl Cache {
         if !self.settings.offline {
             match t.upstream.referrers(&t.repo, digest, artifact_type).await {
                 Ok(r) => {
+                    report(Outcome::Miss);
                     let record = ReferrersRecord {
                         media_type: r.content_type,
                         body: r.body,
@@ -71,6 +76,11 @@ impl Cache {
                 Err(e) => return Err(e.into()),
             }
         }
+        report(if unavailable.is_some() {
+            Outcome::Stale
+        } else {
+            Outcome::Hit
+        });
         if let Some(record) = self.meta.referrers(&t.key, &d, filter).await? {
             return Ok(record);
         }

@@ -46,6 +46,7 @@ impl Cache {
         let key: TransferKey = (t.key.clone(), digest.clone());
         let mut transfers = super::lock(&self.transfers);
         if let Some(rx) = transfers.get(&key) {
+            self.transfer_joins.inc();
             return rx.clone();
         }
         let (tx, rx) = watch::channel(State::Starting);
@@ -132,6 +133,7 @@ impl Cache {
                     None => break,
                 }
             }
+            t.upstream.stats.fetched(batch_len as u64);
             let received = written + batch_len as u64;
             if let Some(expected) = size.filter(|s| received > *s) {
                 return Err(CacheError::Truncated { expected, received });

@@ -318,6 +318,7 @@ mod tests {
             "name_regex_delete",
             "name_regex_keep",
             "cadence",
+            "access",
         ];
         for key in keys {
             assert!(

@@ -52,6 +52,7 @@ impl Metadata {
             }
         })
         .await
+        .inspect(|r| self.stats().expired(r))
     }
 
     /// The earliest due time of anything not yet expired, to sleep until.

@@ -57,6 +57,8 @@ pub struct Upstream {
     tokens: Mutex<TokenCache>,
     /// The upstream asked for Basic auth once: send it up front from then on.
     basic: AtomicBool,
+    /// Requests, answers, latency and bytes, for `/metrics` and the status page.
+    pub stats: super::stats::UpstreamStats,
 }
 
 fn is_docker_hub_host(host: &str) -> bool {
@@ -100,6 +102,7 @@ impl Upstream {
             http,
             tokens: Mutex::new(TokenCache::default()),
             basic: AtomicBool::new(false),
+            stats: super::stats::UpstreamStats::default(),
         })
     }
 
@@ -132,8 +135,9 @@ impl Upstream {
                     req = req.basic_auth(user, Some(pass.expose()));
                 }
             }
-            let resp = req
-                .send()
+            let resp = self
+                .stats
+                .timed(super::stats::Op::of(&method, &url), req.send())
                 .await
                 .map_err(|e| UpstreamError::from_reqwest(&self.name, &e))?;
             if resp.status() != StatusCode::UNAUTHORIZED || attempt > 0 {
@@ -194,8 +198,9 @@ impl Upstream {
         if let Some((user, pass)) = &self.credentials {
             req = req.basic_auth(user, Some(pass.expose()));
         }
-        let resp = req
-            .send()
+        let resp = self
+            .stats
+            .timed(super::stats::Op::Token, req.send())
             .await
             .map_err(|e| UpstreamError::from_reqwest(&self.name, &e))?;
         if !resp.status().is_success() {
@@ -278,6 +283,7 @@ impl Upstream {
         let content_type = header_string(resp.headers(), CONTENT_TYPE);
         let digest_header = header_string(resp.headers(), "docker-content-digest");
         let body = read_limited(resp, MANIFEST_MAX_BYTES, &self.name).await?;
+        self.stats.fetched(body.len() as u64);
         Ok(FetchedManifest {
             body,
             content_type,
@@ -343,6 +349,7 @@ impl Upstream {
                 .await?;
             let next = header_string(resp.headers(), LINK).and_then(|l| next_link(&l));
             let body = read_limited(resp, MANIFEST_MAX_BYTES, &self.name).await?;
+            self.stats.fetched(body.len() as u64);
             let page: TagList = serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid {
                 upstream: self.name.clone(),
                 message: format!("tag list: {e}"),
@@ -386,6 +393,7 @@ impl Upstream {
             .unwrap_or_else(|| "application/vnd.oci.image.index.v1+json".into());
         let filters_applied = header_string(resp.headers(), "oci-filters-applied");
         let body = read_limited(resp, MANIFEST_MAX_BYTES, &self.name).await?;
+        self.stats.fetched(body.len() as u64);
         Ok(FetchedReferrers {
             body,
             content_type,
