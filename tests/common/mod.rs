@@ -16,6 +16,7 @@ pub mod external;
 pub mod failing_store;
 pub mod fixture_upstream;
 pub mod images;
+pub mod prometheus;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
