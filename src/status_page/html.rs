@@ -24,7 +24,8 @@ section{background:var(--card);border:1px solid var(--line);border-radius:10px;p
 th,td{text-align:left;padding:5px 6px;border-bottom:1px solid var(--line);white-space:nowrap}\
 th{color:var(--muted);font-weight:600}.num{text-align:right}\
 .up{color:var(--ok)}.down{color:var(--bad)}.unknown{color:var(--muted)}\
-.wrap{white-space:normal;word-break:break-word}code{font-size:.85em}";
+.wrap{white-space:normal;word-break:break-word}code{font-size:.85em}\
+.item{padding:6px 0;border-bottom:1px solid var(--line)}.item:last-child{border-bottom:0}";
 
 /// The whole page.
 pub(super) fn render(v: &View) -> String {
@@ -122,18 +123,15 @@ fn storage(o: &mut String, v: &View) {
 }
 
 fn upstreams(o: &mut String, v: &View) {
-    o.push_str(
-        "<section><h2>Upstreams</h2><div class=\"scroll\"><table><tr><th>name</th><th>host</th>\
-         <th>health</th><th>last success</th><th>last failure</th><th class=\"num\">requests</th>\
-         <th class=\"num\">429s</th><th class=\"num\">fetched</th></tr>",
-    );
+    o.push_str("<section><h2>Upstreams</h2>");
     for u in &v.upstreams {
-        upstream_row(o, u, v.now);
+        upstream_item(o, u, v.now);
     }
-    o.push_str("</table></div></section>");
+    o.push_str("</section>");
 }
 
-fn upstream_row(o: &mut String, u: &UpstreamView, now: i64) {
+/// One upstream as two short lines rather than a wide table row: readable on a phone.
+fn upstream_item(o: &mut String, u: &UpstreamView, now: i64) {
     let health = match u.health {
         Health::Up => "up",
         Health::Down => "down",
@@ -141,8 +139,9 @@ fn upstream_row(o: &mut String, u: &UpstreamView, now: i64) {
     };
     let _ = write!(
         o,
-        "<tr><td>{}</td><td>{}</td><td class=\"{health}\">{health}</td><td>{}</td><td>{}</td>\
-         <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+        "<div class=\"item\"><b>{}</b> <span class=\"{health}\">{health}</span> \
+         <span class=\"muted\">{}</span><div class=\"muted\">last answer {} &middot; last failure {} \
+         &middot; {} requests &middot; {} &times; 429 &middot; {} fetched</div></div>",
         esc(&u.name),
         esc(&u.host),
         ago_ms(u.last_success_ms, now),
@@ -228,14 +227,9 @@ fn jobs(o: &mut String, v: &View) {
     o.push_str("<section><h2>Recent jobs</h2>");
     match &v.jobs {
         Ok(list) if !list.is_empty() => {
-            o.push_str(
-                "<div class=\"scroll\"><table><tr><th class=\"num\">id</th><th>kind</th><th>state</th>\
-                 <th>created</th><th>result or error</th></tr>",
-            );
             for j in list {
-                job_row(o, j, v.now);
+                job_item(o, j, v.now);
             }
-            o.push_str("</table></div>");
         }
         Ok(_) => o.push_str("<p class=\"muted\">No jobs yet.</p>"),
         Err(e) => {
@@ -245,28 +239,30 @@ fn jobs(o: &mut String, v: &View) {
     o.push_str("</section>");
 }
 
-fn job_row(o: &mut String, j: &Job, now: i64) {
+/// Errors shown per job, at most (the whole one is in `regcache jobs ID`).
+const JOB_ERROR_CHARS: usize = 200;
+
+fn job_item(o: &mut String, j: &Job, now: i64) {
     let class = match j.state.as_str() {
         "failed" => "down",
         "succeeded" => "up",
         _ => "unknown",
     };
-    let detail = match (&j.error, &j.result) {
-        (Some(e), _) => e.clone(),
-        (None, Some(r)) => r.to_string(),
-        (None, None) => String::new(),
-    };
-    let detail: String = detail.chars().take(200).collect();
     let _ = write!(
         o,
-        "<tr><td class=\"num\">{}</td><td>{}</td><td class=\"{class}\">{}</td><td>{}</td>\
-         <td class=\"wrap\"><code>{}</code></td></tr>",
+        "<div class=\"item\">#{} <b>{}</b> <span class=\"{class}\">{}</span> \
+         <span class=\"muted\">created {}, {} run(s)</span>",
         j.id,
         esc(&j.kind),
         esc(&j.state),
         ago_secs(j.created_at, now),
-        esc(&detail)
+        j.runs
     );
+    if let Some(e) = &j.error {
+        let e: String = e.chars().take(JOB_ERROR_CHARS).collect();
+        let _ = write!(o, "<div class=\"wrap down\"><code>{}</code></div>", esc(&e));
+    }
+    o.push_str("</div>");
 }
 
 fn stat(o: &mut String, value: &str, label: &str) {
