@@ -6,6 +6,7 @@
 //! gauges are read at most every few seconds (`snapshot`), never per request.
 
 mod access;
+mod disk;
 mod exposition;
 mod families;
 mod health;
@@ -67,6 +68,7 @@ pub(crate) struct Settings {
     pub(crate) admin_token: Option<Secret>,
     admin_listen: bool,
     pub(crate) max_size: Option<u64>,
+    data_dir: std::path::PathBuf,
 }
 
 impl Observer {
@@ -87,6 +89,7 @@ impl Observer {
                     admin_token: config.admin.token.clone(),
                     admin_listen: config.admin.listen.is_some(),
                     max_size: config.storage.max_size.map(|s| s.as_u64()),
+                    data_dir: config.server.data_dir.clone(),
                 },
                 started_at: SystemTime::now(),
             }),
@@ -198,6 +201,11 @@ impl Observer {
             .get(|| async move { meta.largest_repositories(TOP_REPOSITORIES as u32).await })
             .await?;
         Ok((fresh.value, SystemTime::now() - fresh.at.elapsed()))
+    }
+
+    /// (size, available) bytes of the data directory's filesystem.
+    pub(crate) fn data_dir_space(&self) -> Option<(u64, u64)> {
+        disk::space(&self.inner.settings.data_dir)
     }
 
     /// The most pulled repositories since start.

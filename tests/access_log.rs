@@ -96,7 +96,12 @@ async fn text_lines_carry_every_field_and_no_credential() {
     let (upstream, image, dir) = setup("access-text").await;
     let data = dir.path().join("data");
     let mut server = Regcache::start(dir.path(), "text", |port| {
-        config(port, &data, &upstream.url(), "level = \"warn,regcache::access=info\"")
+        config(
+            port,
+            &data,
+            &upstream.url(),
+            "level = \"warn,regcache::access=info\"",
+        )
     })
     .await;
     traffic(&server.base, &image).await;
@@ -116,7 +121,9 @@ async fn text_lines_carry_every_field_and_no_credential() {
     let manifest = format!("/v2/{REPO}/manifests/v1");
     // A line is written when its body is done: wait for the last request's.
     wait_until_async("the last request is logged", Duration::from_secs(10), || async {
-        lines().iter().any(|l| l.contains("http.path=/v2/ ") && l.contains("http.status=200"))
+        lines()
+            .iter()
+            .any(|l| l.contains("http.path=/v2/ ") && l.contains("http.status=200"))
     })
     .await;
     let m = lines_for(&manifest);
@@ -155,7 +162,12 @@ async fn json_lines_carry_every_field() {
     let (upstream, image, dir) = setup("access-json").await;
     let data = dir.path().join("data");
     let mut server = Regcache::start(dir.path(), "json", |port| {
-        config(port, &data, &upstream.url(), "level = \"info\"\nformat = \"json\"")
+        config(
+            port,
+            &data,
+            &upstream.url(),
+            "level = \"info\"\nformat = \"json\"",
+        )
     })
     .await;
     traffic(&server.base, &image).await;
@@ -190,7 +202,10 @@ async fn json_lines_carry_every_field() {
         assert_eq!(f["size_bytes"], image.manifest.len());
         assert_eq!(f["upstream"], "fixture");
         assert!(f["duration_ms"].as_f64().is_some_and(|d| d >= 0.0), "{f}");
-        assert!(f["client.addr"].as_str().unwrap().starts_with("127.0.0.1:"), "{f}");
+        assert!(
+            f["client.addr"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{f}"
+        );
     }
     let log = server.log();
     for secret in [PASSWORD, QUERY_SECRET] {

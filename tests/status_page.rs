@@ -64,7 +64,11 @@ async fn chromium(url: &str, extra: &[&str]) -> ChromiumRun {
         .expect("chromium finished in time")
         .expect("waiting for chromium");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "chromium {extra:?} {url}: {}\n{stderr}", out.status);
+    assert!(
+        out.status.success(),
+        "chromium {extra:?} {url}: {}\n{stderr}",
+        out.status
+    );
     ChromiumRun {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         console: stderr
@@ -108,7 +112,11 @@ async fn the_page_renders_in_chromium_without_console_messages() {
     let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
     let image = Image::new("status-page", &[30_000, 250_000], "2024-01-01T00:00:00Z");
     upstream.add_image("team/app", Some("v1"), &image);
-    upstream.add_image("team/tool", Some("v1"), &Image::new("status-tool", &[9_000], "2024-01-01T00:00:00Z"));
+    upstream.add_image(
+        "team/tool",
+        Some("v1"),
+        &Image::new("status-tool", &[9_000], "2024-01-01T00:00:00Z"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let cli = cli_config(dir.path(), &data_dir, &upstream.url());
@@ -145,12 +153,20 @@ async fn the_page_renders_in_chromium_without_console_messages() {
         "Recent jobs",
         "<b>purge</b> <span class=\"up\">succeeded</span>",
     ] {
-        assert!(dom.stdout.contains(needle), "{needle:?} not rendered:\n{}", dom.stdout);
+        assert!(
+            dom.stdout.contains(needle),
+            "{needle:?} not rendered:\n{}",
+            dom.stdout
+        );
     }
     // team/app pulled twice, team/tool once: ranked in that order.
     let app_at = dom.stdout.find("fixture/team/app</td><td class=\"num\">2<");
     let tool_at = dom.stdout.find("fixture/team/tool</td><td class=\"num\">1<");
-    assert!(app_at.is_some() && tool_at.is_some() && app_at < tool_at, "{}", dom.stdout);
+    assert!(
+        app_at.is_some() && tool_at.is_some() && app_at < tool_at,
+        "{}",
+        dom.stdout
+    );
     assert!(!dom.stdout.contains("<script"), "no script on the page");
 
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
@@ -158,9 +174,19 @@ async fn the_page_renders_in_chromium_without_console_messages() {
     let run = chromium(&url, &[&format!("--screenshot={}", shot.display())]).await;
     assert!(run.console.is_empty(), "console messages: {:#?}", run.console);
     let png = std::fs::read(&shot).expect("the screenshot was written");
-    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "{} bytes", png.len());
-    println!("status page screenshot (412 px wide, a phone): {}", shot.display());
-    eprintln!("status page screenshot (412 px wide, a phone): {}", shot.display());
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    println!(
+        "status page screenshot (412 px wide, a phone): {}",
+        shot.display()
+    );
+    eprintln!(
+        "status page screenshot (412 px wide, a phone): {}",
+        shot.display()
+    );
 }
 
 /// Pulls `team/tool:v1`'s manifest once; returns its size.
@@ -179,14 +205,22 @@ async fn the_page_needs_the_admin_token_when_one_is_set() {
     .await;
     let resp = app.get("/").await;
     assert_eq!(resp.status(), 401);
-    assert!(resp.headers()["www-authenticate"].to_str().unwrap().starts_with("Basic "));
+    assert!(resp.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Basic "));
     let page = |req: reqwest::RequestBuilder| async move { req.send().await.unwrap() };
     let basic = page(app.client.get(app.url("/")).basic_auth("admin", Some(TOKEN))).await;
     assert_eq!(basic.status(), 200);
     assert!(basic.text().await.unwrap().contains("Savings since start"));
     let bearer = page(app.client.get(app.url("/")).bearer_auth(TOKEN)).await;
     assert_eq!(bearer.status(), 200);
-    let wrong = page(app.client.get(app.url("/")).basic_auth("admin", Some("not-the-token!!!"))).await;
+    let wrong = page(
+        app.client
+            .get(app.url("/"))
+            .basic_auth("admin", Some("not-the-token!!!")),
+    )
+    .await;
     assert_eq!(wrong.status(), 401);
     // Health needs no credentials.
     assert_eq!(app.get("/readyz").await.status(), 200);

@@ -245,6 +245,23 @@ async fn stored(obs: &Observer, e: &mut Exposition) {
     if let Some(max) = obs.settings().max_size {
         e.int("regcache_storage_max_bytes", &[], max);
     }
+    let space = obs.data_dir_space();
+    e.family(
+        "regcache_data_dir_size_bytes",
+        Type::Gauge,
+        "Size of the filesystem holding server.data_dir.",
+    );
+    if let Some((size, _)) = space {
+        e.int("regcache_data_dir_size_bytes", &[], size);
+    }
+    e.family(
+        "regcache_data_dir_available_bytes",
+        Type::Gauge,
+        "Bytes available to regcache on the filesystem holding server.data_dir.",
+    );
+    if let Some((_, available)) = space {
+        e.int("regcache_data_dir_available_bytes", &[], available);
+    }
     e.family("regcache_jobs", Type::Gauge, "Jobs on record by kind and state.");
     if let Some(g) = g {
         let count = |kind: &str, state: &str| {
