@@ -14,13 +14,17 @@
 #   - warm blob GET MB/s for regcache, the peer and nginx (sendfile, same file), measured
 #     the same way: one curl process, sequential GETs on one keep-alive connection;
 #   - warm tag-manifest GETs/s with wrk -t2 -c32 -d10s for regcache and the peer, plus the
-#     upstream requests each run caused (regcache shares one in-flight HEAD per tag).
+#     upstream requests each run caused (regcache shares one in-flight HEAD per tag);
+#   - the cost of metrics and the access log (issue 14): regcache as above (metrics on,
+#     one access-log line per request written to its log file) against a second regcache
+#     with both off ("bare"), warm blob MB/s and tag-manifest GETs/s, in alternating runs.
 # Exit status: 0 whether targets are met or not (this is a report); non-zero only when
 # something broke (a server did not start, a body had the wrong digest, requests failed).
 #
 # Knobs (env): BENCH_KEEP=1 keeps the work dir; BENCH_WARM_ROUNDS (default 4) x
 # BENCH_WARM_PER_ROUND (default 5) measured warm blob GETs per server; BENCH_WRK_SECS
-# (default 10); BENCH_SKIP_BUILD=1 uses the existing target/release/regcache.
+# (default 10); BENCH_OBS_ROUNDS (default 3) alternating wrk runs per instrumentation
+# setting; BENCH_SKIP_BUILD=1 uses the existing target/release/regcache.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -31,6 +35,7 @@ WARM_ROUNDS=${BENCH_WARM_ROUNDS:-4}
 WARM_PER_ROUND=${BENCH_WARM_PER_ROUND:-5}
 WARM_RUNS=$((WARM_ROUNDS * WARM_PER_ROUND))
 WRK_SECS=${BENCH_WRK_SECS:-10}
+OBS_ROUNDS=${BENCH_OBS_ROUNDS:-3}
 COLD_CLIENTS=20
 STARTUP_DEADLINE_SECS=30
 START_ATTEMPTS=3
@@ -178,9 +183,12 @@ EOF
   die "docker-registry ($name) found no free port"
 }
 
+# start_regcache [NAME [LOG_AND_METRICS_TOML]] -> sets RC_PORT, RC_PID, RC_LOG, RC_DIR.
+# Default: metrics on (the default) and the access log written at info to the log file.
 start_regcache() {
-  local attempt rc
-  RC_DIR="$WORK/regcache"
+  local attempt rc name=${1:-regcache}
+  local observe=${2:-$'[log]\nlevel = "warn,regcache::access=info"'}
+  RC_DIR="$WORK/$name"
   mkdir -p "$RC_DIR/data"
   RC_LOG="$RC_DIR/log"
   for ((attempt = 1; attempt <= START_ATTEMPTS; attempt++)); do
@@ -197,8 +205,7 @@ name = "origin"
 url = "http://127.0.0.1:$UP_PORT"
 default = true
 
-[log]
-level = "warn"
+$observe
 EOF
     "$REGCACHE_BIN" serve --config "$RC_DIR/config.toml" >"$RC_LOG" 2>&1 </dev/null &
     RC_PID=$!
@@ -462,6 +469,37 @@ if grep -qiE 'panic|ERROR' "$RC_LOG"; then
   grep -iE 'panic|ERROR' "$RC_LOG" | head -n 20 >&2
 fi
 
+# ----- 5b. cost of metrics and the access log ----------------------------------------------
+RC_MAIN_PORT=$RC_PORT RC_MAIN_PID=$RC_PID RC_MAIN_LOG=$RC_LOG
+start_regcache bare $'[log]\nlevel = "warn"\naccess = false\n\n[metrics]\nenabled = false'
+BARE_URL="http://127.0.0.1:$RC_PORT" BARE_PID=$RC_PID
+RC_PORT=$RC_MAIN_PORT RC_PID=$RC_MAIN_PID RC_LOG=$RC_MAIN_LOG
+log "bare regcache (metrics and access log off) on ${BARE_URL##*:} (pid $BARE_PID)"
+curl -fsS --max-time 180 -o /dev/null "$BARE_URL/v2/bench/big/blobs/$BIG_DIGEST" || die "bare: cold blob GET"
+check_manifest bare "$BARE_URL"
+log "instrumentation: $WARM_ROUNDS interleaved warm blob rounds, with and without"
+rm -f "$WORK/warm-regcache.txt" "$WORK/warm-bare.txt"
+regcache_TICKS=0 bare_TICKS=0
+for ((round = 1; round <= WARM_ROUNDS; round++)); do
+  warm_round regcache "$RC_URL/v2/bench/big/blobs/$BIG_DIGEST" "$RC_PID"
+  warm_round bare "$BARE_URL/v2/bench/big/blobs/$BIG_DIGEST" "$BARE_PID"
+done
+warm_stats regcache OBS_WITH_WARM
+warm_stats bare OBS_BARE_WARM
+log "instrumentation: $OBS_ROUNDS alternating wrk runs of ${WRK_SECS}s, with and without"
+OBS_WITH_RUNS=() OBS_BARE_RUNS=()
+for ((round = 1; round <= OBS_ROUNDS; round++)); do
+  wrk_manifests regcache "$RC_URL" OBS_WITH_MF
+  OBS_WITH_RUNS+=("$OBS_WITH_MF_RPS")
+  wrk_manifests bare "$BARE_URL" OBS_BARE_MF
+  OBS_BARE_RUNS+=("$OBS_BARE_MF_RPS")
+done
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+OBS_WITH_RPS=$(median "${OBS_WITH_RUNS[@]}")
+OBS_BARE_RPS=$(median "${OBS_BARE_RUNS[@]}")
+ACCESS_LINES=$(grep -c 'regcache::access' "$RC_LOG" || true)
+alive "$BARE_PID" || die "bare regcache exited during the benchmark"
+
 # ----- 6. report --------------------------------------------------------------------------
 verdict() { # verdict EXPR -> PASS/MISS
   if python3 -c "import sys; sys.exit(0 if ($1) else 1)"; then echo PASS; else echo MISS; fi
@@ -511,6 +549,18 @@ printf '%-44s %10s %10s %10s %8s %8s %6s\n' "server CPU s: wrk manifest run" \
   "$RC_MF_CPU" "$PEER_MF_CPU" "-" "" "" ""
 printf '%-44s %10s %10s %10s %8s %8s %6s\n' "upstream CPU s: wrk manifest run" \
   "$RC_MF_UP_CPU" "$PEER_MF_UP_CPU" "-" "" "" ""
+OBS_WARM_RATIO=$(ratio "$OBS_WITH_WARM_MBPS" "$OBS_BARE_WARM_MBPS")
+OBS_MF_RATIO=$(ratio "$OBS_WITH_RPS" "$OBS_BARE_RPS")
+echo
+echo "metrics + access log (on: as above) against both off (bare), same run; target: on >= 0.95x off"
+printf '%-44s %10s %10s %10s %8s %8s %6s\n' "metric" "on" "off" "" "ratio" "target" "result"
+printf '%-44s %10s %10s %10s %8s %8s %6s\n' "warm blob GET 64 MiB, MB/s (median of $WARM_RUNS)" \
+  "$OBS_WITH_WARM_MBPS" "$OBS_BARE_WARM_MBPS" "" "${OBS_WARM_RATIO}x" ">=0.95x" "$(verdict "$OBS_WARM_RATIO >= 0.95")"
+printf '%-44s %10s %10s %10s %8s %8s %6s\n' "warm tag manifest GETs/s (median of $OBS_ROUNDS)" \
+  "$OBS_WITH_RPS" "$OBS_BARE_RPS" "" "${OBS_MF_RATIO}x" ">=0.95x" "$(verdict "$OBS_MF_RATIO >= 0.95")"
+printf '%-44s %10s\n' "  runs, on" "${OBS_WITH_RUNS[*]}"
+printf '%-44s %10s\n' "  runs, off" "${OBS_BARE_RUNS[*]}"
+printf '%-44s %10s\n' "access-log lines written (on)" "$ACCESS_LINES"
 echo
 echo "RSS: regcache before the cold fetch $((RC_RSS_BEFORE_KIB / 1024)) MiB; peak $(( RC_PEAK_KIB / 1024 )) MiB" \
   "(VmHWM after reset: $((RC_HWM_KIB / 1024)) MiB$( ((HWM_RESET)) || echo ', reset unavailable'); 10 ms samples: $((RC_RSS_SAMPLED_KIB / 1024)) MiB)"
