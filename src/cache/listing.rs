@@ -76,11 +76,7 @@ impl Cache {
                 Err(e) => return Err(e.into()),
             }
         }
-        report(if unavailable.is_some() {
-            Outcome::Stale
-        } else {
-            Outcome::Hit
-        });
+        report(unavailable.as_ref().map_or(Outcome::Hit, |_| Outcome::Stale));
         if let Some(record) = self.meta.referrers(&t.key, &d, filter).await? {
             return Ok(record);
         }

@@ -79,11 +79,7 @@ impl Cache {
             Ok(Err(e)) if e.is_unavailable() => Err(Some(e)),
             Ok(Err(e)) => return Err(e),
         };
-        report(if outcome.is_ok() {
-            Outcome::Revalidated
-        } else {
-            Outcome::Stale
-        });
+        report(outcome.as_ref().map_or(Outcome::Stale, |()| Outcome::Revalidated));
         match outcome {
             Ok(()) => self.mark_checked(check_key),
             Err(e) => {
