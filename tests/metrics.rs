@@ -476,3 +476,40 @@ async fn with_metrics_off_nothing_is_counted_or_served() {
         "health does not depend on metrics"
     );
 }
+
+#[test]
+fn bad_metrics_and_access_log_settings_name_their_key() {
+    for (var, value, key) in [
+        ("REGCACHE_METRICS__TOKEN", "too-short", "metrics.token"),
+        ("REGCACHE_METRICS__LISTEN", "nowhere", "metrics.listen"),
+        // The registry's own default address.
+        ("REGCACHE_METRICS__LISTEN", "127.0.0.1:5000", "metrics.listen"),
+        ("REGCACHE_METRICS__ENABLED", "\"sometimes\"", "metrics.enabled"),
+        ("REGCACHE_LOG__ACCESS", "\"maybe\"", "log.access"),
+    ] {
+        let err = regcache::config::load(None, vec![(var.to_owned(), value.to_owned())])
+            .expect_err(&format!("{var}={value} is refused"));
+        assert!(
+            err.to_string().contains(&format!("`{key}`")),
+            "{var}={value}: {err}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let both = dir.path().join("c.toml");
+    std::fs::write(
+        &both,
+        "[metrics]\ntoken = \"0123456789abcdef0123\"\ntoken_file = \"/x\"\n",
+    )
+    .unwrap();
+    let err = regcache::config::load(Some(&both), Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("`metrics.token_file`"), "{err}");
+    let ok = regcache::config::load(
+        None,
+        vec![(
+            "REGCACHE_METRICS__TOKEN".to_owned(),
+            "0123456789abcdef".to_owned(),
+        )],
+    )
+    .unwrap();
+    assert_eq!(ok.metrics.token.unwrap().expose(), "0123456789abcdef");
+}
