@@ -6,9 +6,10 @@
 
 use super::{Answer, Kind, Observer, UpstreamRequests};
 use crate::cache::outcome::{noting, Noted};
+use crate::upstream::Upstream;
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{ConnectInfo, Request};
-use axum::http::Method;
+use axum::http::{Method, Uri};
 use axum::middleware::Next;
 use axum::response::Response;
 use http_body::{Frame, SizeHint};
@@ -40,8 +41,9 @@ pub(super) async fn observe(
     let pull = settings.metrics && kind == Some(Kind::Manifest) && req.method() == Method::GET;
     let log = settings.access_log.then(|| AccessLine {
         method: req.method().clone(),
-        path: req.uri().path().to_owned(),
-        client: client_addr(&req),
+        // A clone shares the request's bytes: no copy of the path.
+        uri: req.uri().clone(),
+        client: ClientAddr(client_addr(&req)),
     });
     let (resp, noted) = noting(pull, next.run(req)).await;
     let status = resp.status();
@@ -74,7 +76,7 @@ pub(super) async fn observe(
     let finish = Finish {
         log,
         status: status.as_u16(),
-        upstream: upstream.map(|u| u.name.clone()),
+        upstream,
         answer,
         counters,
         bytes: 0,
@@ -87,8 +89,22 @@ pub(super) async fn observe(
 #[derive(Debug)]
 struct AccessLine {
     method: Method,
-    path: String,
-    client: Option<SocketAddr>,
+    /// Only its path is logged: the query string may carry anything.
+    uri: Uri,
+    client: ClientAddr,
+}
+
+/// The client's address, `-` when unknown; written into the line without a `String`.
+#[derive(Debug)]
+struct ClientAddr(Option<SocketAddr>);
+
+impl std::fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 /// Counts what is sent and, when dropped (body done or client gone), logs the request.
@@ -96,7 +112,7 @@ struct AccessLine {
 struct Finish {
     log: Option<AccessLine>,
     status: u16,
-    upstream: Option<String>,
+    upstream: Option<Arc<Upstream>>,
     answer: Option<Answer>,
     counters: Option<Arc<UpstreamRequests>>,
     bytes: u64,
@@ -116,17 +132,16 @@ impl Finish {
 impl Drop for Finish {
     fn drop(&mut self) {
         let Some(line) = &self.log else { return };
-        let client = line.client.map_or_else(|| "-".to_owned(), |a| a.to_string());
         tracing::info!(
             target: TARGET,
-            upstream = %self.upstream.as_deref().unwrap_or("-"),
+            upstream = %self.upstream.as_ref().map_or("-", |u| u.name.as_str()),
             http.method = %line.method,
-            http.path = %line.path,
+            http.path = %line.uri.path(),
             http.status = self.status,
             size_bytes = self.bytes,
             duration_ms = (self.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
             cache.result = %self.answer.map_or("-", Answer::label),
-            client.addr = %client,
+            client.addr = %line.client,
             "request"
         );
     }
