@@ -140,7 +140,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             let c = load(config.as_deref())?;
-            init_logging(&config::LogConfig {
+            let _log = init_logging(&config::LogConfig {
                 level: "warn".into(),
                 ..c.log.clone()
             })?;
@@ -179,7 +179,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve { config } => {
             let c = load(config.as_deref())?;
-            init_logging(&c.log)?;
+            let _log = init_logging(&c.log)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(serve(c))
         }
@@ -208,7 +208,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new().context("starting the async runtime")
 }
 
-fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {
+fn init_logging(log: &config::LogConfig) -> anyhow::Result<crate::log_writer::LogGuard> {
     use tracing_subscriber::EnvFilter;
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => EnvFilter::try_new(&v).context("RUST_LOG")?,
@@ -217,11 +217,12 @@ fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(crate::log_writer::stderr())
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if log.format == "json" {
         builder.json().init();
     } else {
         builder.init();
     }
-    Ok(())
+    Ok(crate::log_writer::LogGuard)
 }

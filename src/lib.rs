@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod counters;
 pub mod glob;
+pub mod log_writer;
 pub mod metadata;
 pub mod metrics;
 pub mod oci;

@@ -237,4 +237,10 @@ async fn the_switch_turns_the_access_log_off() {
         "info lines are still written:\n{log}"
     );
     assert!(!log.contains("regcache::access"), "no access line:\n{log}");
+    // The server's last line before exit is in the log (lines leave through a writer
+    // thread, written out at exit).
+    assert!(
+        log.contains("\"message\":\"shutting down\""),
+        "lines queued at exit are written:\n{log}"
+    );
 }
