@@ -18,12 +18,17 @@
 #   - the miss path's speed: one client GETs a fresh (cold) 64 MiB blob straight from the
 #     upstream docker-registry, through regcache and through the peer, in rotating order,
 #     BENCH_COLD_ROUNDS times with a new blob each round; medians and ratios to direct.
+#   - the cost of metrics and the access log (issue 14): regcache as above (metrics on,
+#     one access-log line per request written to its log file) against a second regcache
+#     with both off ("bare"), warm blob MB/s and tag-manifest GETs/s, in alternating runs.
 # Exit status: 0 whether targets are met or not (this is a report); non-zero only when
 # something broke (a server did not start, a body had the wrong digest, requests failed).
 #
 # Knobs (env): BENCH_KEEP=1 keeps the work dir; BENCH_WARM_ROUNDS (default 4) x
 # BENCH_WARM_PER_ROUND (default 5) measured warm blob GETs per server; BENCH_WRK_SECS
 # (default 10); BENCH_COLD_ROUNDS (default 7) single cold GETs per server;
+# (default 10); BENCH_OBS_ROUNDS (default 5) alternating wrk runs of BENCH_OBS_SECS
+# (default 4) per instrumentation setting (on a busy machine, many short runs: 15 x 3);
 # BENCH_SKIP_BUILD=1 uses the existing target/release/regcache.
 set -euo pipefail
 
@@ -35,6 +40,8 @@ WARM_ROUNDS=${BENCH_WARM_ROUNDS:-4}
 WARM_PER_ROUND=${BENCH_WARM_PER_ROUND:-5}
 WARM_RUNS=$((WARM_ROUNDS * WARM_PER_ROUND))
 WRK_SECS=${BENCH_WRK_SECS:-10}
+OBS_ROUNDS=${BENCH_OBS_ROUNDS:-5}
+OBS_SECS=${BENCH_OBS_SECS:-4}
 COLD_CLIENTS=20
 COLD_ROUNDS=${BENCH_COLD_ROUNDS:-7}
 STARTUP_DEADLINE_SECS=30
@@ -183,9 +190,12 @@ EOF
   die "docker-registry ($name) found no free port"
 }
 
+# start_regcache [NAME [LOG_AND_METRICS_TOML]] -> sets RC_PORT, RC_PID, RC_LOG, RC_DIR.
+# Default: metrics on (the default) and the access log written at info to the log file.
 start_regcache() {
-  local attempt rc
-  RC_DIR="$WORK/regcache"
+  local attempt rc name=${1:-regcache}
+  local observe=${2:-$'[log]\nlevel = "warn,regcache::access=info"'}
+  RC_DIR="$WORK/$name"
   mkdir -p "$RC_DIR/data"
   RC_LOG="$RC_DIR/log"
   for ((attempt = 1; attempt <= START_ATTEMPTS; attempt++)); do
@@ -202,8 +212,7 @@ name = "origin"
 url = "http://127.0.0.1:$UP_PORT"
 default = true
 
-[log]
-level = "warn"
+$observe
 EOF
     "$REGCACHE_BIN" serve --config "$RC_DIR/config.toml" >"$RC_LOG" 2>&1 </dev/null &
     RC_PID=$!
@@ -514,6 +523,57 @@ if grep -qiE 'panic|ERROR' "$RC_LOG"; then
   grep -iE 'panic|ERROR' "$RC_LOG" | head -n 20 >&2
 fi
 
+# ----- 5b. cost of metrics and the access log ----------------------------------------------
+RC_MAIN_PORT=$RC_PORT RC_MAIN_PID=$RC_PID RC_MAIN_LOG=$RC_LOG
+start_regcache bare $'[log]\nlevel = "warn"\naccess = false\n\n[metrics]\nenabled = false'
+BARE_URL="http://127.0.0.1:$RC_PORT" BARE_PID=$RC_PID
+RC_PORT=$RC_MAIN_PORT RC_PID=$RC_MAIN_PID RC_LOG=$RC_MAIN_LOG
+log "bare regcache (metrics and access log off) on ${BARE_URL##*:} (pid $BARE_PID)"
+curl -fsS --max-time 180 -o /dev/null "$BARE_URL/v2/bench/big/blobs/$BIG_DIGEST" || die "bare: cold blob GET"
+check_manifest bare "$BARE_URL"
+log "instrumentation: $WARM_ROUNDS interleaved warm blob rounds, with and without"
+rm -f "$WORK/warm-regcache.txt" "$WORK/warm-bare.txt"
+regcache_TICKS=0 bare_TICKS=0
+for ((round = 1; round <= WARM_ROUNDS; round++)); do
+  warm_round regcache "$RC_URL/v2/bench/big/blobs/$BIG_DIGEST" "$RC_PID"
+  warm_round bare "$BARE_URL/v2/bench/big/blobs/$BIG_DIGEST" "$BARE_PID"
+done
+warm_stats regcache OBS_WITH_WARM
+warm_stats bare OBS_BARE_WARM
+log "instrumentation: $OBS_ROUNDS alternating wrk runs of ${OBS_SECS}s, with and without"
+# Besides GETs/s (which other load on the machine moves a lot from run to run), the
+# server's CPU time per request: what the instrumentation adds, less disturbed by others.
+OBS_WITH_RUNS=() OBS_BARE_RUNS=()
+OBS_WITH_TICKS=0 OBS_BARE_TICKS=0 OBS_WITH_REQS=0 OBS_BARE_REQS=0
+WRK_SECS_MAIN=$WRK_SECS WRK_SECS=$OBS_SECS
+for ((round = 1; round <= OBS_ROUNDS; round++)); do
+  cpu0=$(cpu_ticks "$RC_PID")
+  wrk_manifests regcache "$RC_URL" OBS_WITH_MF
+  OBS_WITH_TICKS=$((OBS_WITH_TICKS + $(cpu_ticks "$RC_PID") - cpu0))
+  OBS_WITH_REQS=$((OBS_WITH_REQS + OBS_WITH_MF_REQS))
+  OBS_WITH_RUNS+=("$OBS_WITH_MF_RPS")
+  cpu0=$(cpu_ticks "$BARE_PID")
+  wrk_manifests bare "$BARE_URL" OBS_BARE_MF
+  OBS_BARE_TICKS=$((OBS_BARE_TICKS + $(cpu_ticks "$BARE_PID") - cpu0))
+  OBS_BARE_REQS=$((OBS_BARE_REQS + OBS_BARE_MF_REQS))
+  OBS_BARE_RUNS+=("$OBS_BARE_MF_RPS")
+done
+WRK_SECS=$WRK_SECS_MAIN
+us_per_req() { python3 -c "print('%.1f' % ($1 / $CLK_TCK * 1e6 / $2 if $2 else float('nan')))"; }
+OBS_WITH_US=$(us_per_req "$OBS_WITH_TICKS" "$OBS_WITH_REQS")
+OBS_BARE_US=$(us_per_req "$OBS_BARE_TICKS" "$OBS_BARE_REQS")
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+OBS_WITH_RPS=$(median "${OBS_WITH_RUNS[@]}")
+OBS_BARE_RPS=$(median "${OBS_BARE_RUNS[@]}")
+# Each on-run against the off-run right after it: load from elsewhere hits both alike.
+OBS_PAIRED=()
+for i in "${!OBS_WITH_RUNS[@]}"; do
+  OBS_PAIRED+=("$(python3 -c "print('%.3f' % (${OBS_WITH_RUNS[$i]} / ${OBS_BARE_RUNS[$i]}))")")
+done
+OBS_PAIRED_MEDIAN=$(median "${OBS_PAIRED[@]}")
+ACCESS_LINES=$(grep -c 'regcache::access' "$RC_LOG" || true)
+alive "$BARE_PID" || die "bare regcache exited during the benchmark"
+
 # ----- 6. report --------------------------------------------------------------------------
 verdict() { # verdict EXPR -> PASS/MISS
   if python3 -c "import sys; sys.exit(0 if ($1) else 1)"; then echo PASS; else echo MISS; fi
@@ -575,6 +635,25 @@ printf '%-44s %10s %8s %8s %6s\n' "peer (docker-registry proxy), cold" "$COLD1_P
 echo "  every GET, s: direct $COLD1_ALL_DIRECT"
 echo "                regcache $COLD1_ALL_RC"
 echo "                peer $COLD1_ALL_PEER"
+# Three decimals: the margin to the target is a few percent.
+ratio3() { python3 -c "print('%.3f' % ($1 / $2 if $2 else float('nan')))"; }
+OBS_WARM_RATIO=$(ratio3 "$OBS_WITH_WARM_MBPS" "$OBS_BARE_WARM_MBPS")
+OBS_MF_RATIO=$(ratio3 "$OBS_WITH_RPS" "$OBS_BARE_RPS")
+OBS_CPU_RATIO=$(ratio3 "$OBS_BARE_US" "$OBS_WITH_US")
+echo
+echo "metrics + access log (on: as above) against both off (bare), same run; target: on >= 0.95x off"
+printf '%-44s %10s %10s %10s %8s %8s %6s\n' "metric" "on" "off" "" "ratio" "target" "result"
+printf '%-44s %10s %10s %10s %8s %8s %6s\n' "warm blob GET 64 MiB, MB/s (median of $WARM_RUNS)" \
+  "$OBS_WITH_WARM_MBPS" "$OBS_BARE_WARM_MBPS" "" "${OBS_WARM_RATIO}x" ">=0.95x" "$(verdict "$OBS_WARM_RATIO >= 0.95")"
+printf '%-44s %10s %10s %10s %8s %8s %6s\n' "warm tag manifest GETs/s (median of ${OBS_ROUNDS}x${OBS_SECS}s)" \
+  "$OBS_WITH_RPS" "$OBS_BARE_RPS" "" "${OBS_MF_RATIO}x" ">=0.95x" "$(verdict "$OBS_MF_RATIO >= 0.95")"
+printf '%-44s %10s %10s %10s %8s %8s %6s\n' "server CPU us per manifest GET (off/on)" \
+  "$OBS_WITH_US" "$OBS_BARE_US" "" "${OBS_CPU_RATIO}x" ">=0.95x" "$(verdict "$OBS_CPU_RATIO >= 0.95")"
+printf '%-44s %10s %10s %10s %8s %8s %6s\n' "  paired on/off runs, median" "" "" "" \
+  "${OBS_PAIRED_MEDIAN}x" ">=0.95x" "$(verdict "$OBS_PAIRED_MEDIAN >= 0.95")"
+printf '%-44s %10s\n' "  runs, on" "${OBS_WITH_RUNS[*]}"
+printf '%-44s %10s\n' "  runs, off" "${OBS_BARE_RUNS[*]}"
+printf '%-44s %10s\n' "access-log lines written (on)" "$ACCESS_LINES"
 echo
 echo "RSS: regcache before the cold fetch $((RC_RSS_BEFORE_KIB / 1024)) MiB; peak $(( RC_PEAK_KIB / 1024 )) MiB" \
   "(VmHWM after reset: $((RC_HWM_KIB / 1024)) MiB$( ((HWM_RESET)) || echo ', reset unavailable'); 10 ms samples: $((RC_RSS_SAMPLED_KIB / 1024)) MiB)"

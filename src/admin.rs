@@ -7,6 +7,7 @@ mod auth;
 mod error;
 mod handlers;
 
+pub(crate) use auth::constant_time_eq;
 pub use error::AdminError;
 
 use crate::config::Secret;

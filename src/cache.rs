@@ -8,6 +8,7 @@ mod error;
 mod fill;
 mod listing;
 mod manifests;
+pub mod outcome;
 mod single_flight;
 mod transfer;
 mod uses;
@@ -106,6 +107,8 @@ pub struct Cache {
     disk: Arc<DataDisk>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// Clients that joined a transfer already under way (coalesced misses).
+    transfer_joins: crate::counters::Counter,
 }
 
 /// A std mutex never held across an await; poisoning only means another request
@@ -150,6 +153,7 @@ impl Cache {
             disk,
             tasks,
             shutdown,
+            transfer_joins: crate::counters::Counter::default(),
         }))
     }
 
@@ -178,11 +182,32 @@ impl Cache {
             upstream: routed.upstream.name.clone(),
             name: routed.repo.to_string(),
         };
-        Ok(Target {
+        let t = Target {
             upstream: routed.upstream,
             repo: routed.repo,
             key,
-        })
+        };
+        outcome::routed(&t);
+        Ok(t)
+    }
+
+    /// Every configured upstream (their request statistics, for metrics).
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
+    }
+
+    /// Blob transfers running now, per upstream name.
+    pub fn transfers_in_flight(&self) -> HashMap<String, u64> {
+        let mut per_upstream = HashMap::new();
+        for (repo, _) in lock(&self.transfers).keys() {
+            *per_upstream.entry(repo.upstream.clone()).or_default() += 1;
+        }
+        per_upstream
+    }
+
+    /// Clients that joined a transfer another client started, so far.
+    pub fn transfer_joins(&self) -> u64 {
+        self.transfer_joins.get()
     }
 
     /// Background work the cache owns: flushing recorded uses, and noticing that a full

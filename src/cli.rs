@@ -220,7 +220,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig { config } => {
             let loaded = load(&config)?;
-            init_logging(&loaded.config.log)?;
+            let _log = init_logging(&loaded.config.log)?;
             log_ignored_env(&loaded);
             check_data_dir(&loaded)?;
             for (i, p) in loaded.config.prefetch.iter().enumerate() {
@@ -244,7 +244,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             let c = load(&config)?.config;
-            init_logging(&config::LogConfig {
+            let _log = init_logging(&config::LogConfig {
                 level: "warn".into(),
                 ..c.log.clone()
             })?;
@@ -291,7 +291,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Prefetch { config, list, json } => {
             let c = load(&config)?.config;
-            init_logging(&config::LogConfig {
+            let _log = init_logging(&config::LogConfig {
                 level: "warn".into(),
                 ..c.log.clone()
             })?;
@@ -316,7 +316,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { config } => {
             let loaded = load(&config)?;
             check_data_dir(&loaded)?;
-            init_logging(&loaded.config.log)?;
+            let _log = init_logging(&loaded.config.log)?;
             log_ignored_env(&loaded);
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(serve(loaded.config))
@@ -364,7 +364,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new().context("starting the async runtime")
 }
 
-fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {
+fn init_logging(log: &config::LogConfig) -> anyhow::Result<crate::log_writer::LogGuard> {
     use tracing_subscriber::EnvFilter;
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => EnvFilter::try_new(&v).context("RUST_LOG")?,
@@ -375,14 +375,14 @@ fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {
     // would show the escape codes as text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(crate::log_writer::stderr())
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if log.format == "json" {
         builder.json().init();
     } else {
         builder.init();
     }
-    Ok(())
+    Ok(crate::log_writer::LogGuard)
 }
 
 #[cfg(test)]

@@ -44,6 +44,8 @@ pub struct Config {
     /// Image lists the server prefetches on a cadence, as durable jobs.
     #[serde(default)]
     pub prefetch: Vec<PrefetchConfig>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 /// One image list the server fills the cache with on a cadence (`regcache prefetch`, run
@@ -59,6 +61,34 @@ pub struct PrefetchConfig {
     /// How often the list is prefetched; the first run is at start-up. Default `1d`.
     #[serde(default = "default_cadence")]
     pub cadence: Duration,
+}
+
+/// `/metrics` (Prometheus text format) and the per-request counting behind it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Count requests and serve `/metrics`. Default true. When false, neither happens
+    /// (the status page then shows no hit ratio).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// A separate address for `/metrics` (and `/livez`, `/readyz`); default: the
+    /// registry's listener.
+    pub listen: Option<String>,
+    /// Bearer token Prometheus must send. Default: none, `/metrics` is open.
+    pub token: Option<Secret>,
+    /// Or read the token from a file (not both).
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: None,
+            token: None,
+            token_file: None,
+        }
+    }
 }
 
 /// The admin API (`/api/v1/...`).
@@ -452,6 +482,9 @@ pub struct LogConfig {
     /// `text` or `json`. Default `text`.
     #[serde(default = "default_log_format")]
     pub format: String,
+    /// One line per request at info (target `regcache::access`). Default true.
+    #[serde(default = "yes")]
+    pub access: bool,
 }
 
 impl Default for LogConfig {
@@ -459,6 +492,7 @@ impl Default for LogConfig {
         Self {
             level: default_log_level(),
             format: default_log_format(),
+            access: true,
         }
     }
 }

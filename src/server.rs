@@ -98,7 +98,12 @@ pub async fn start_with_store(
         Some(addr) => Some(listener::Serving::bind("admin.listen", addr, limits).await?),
         None => None,
     };
-    listener::raise_fd_limit(limits.max_connections * if admin_listener.is_some() { 2 } else { 1 });
+    let metrics_listener = match config.metrics.listen.as_ref().filter(|_| config.metrics.enabled) {
+        Some(addr) => Some(listener::Serving::bind("metrics.listen", addr, limits).await?),
+        None => None,
+    };
+    let listeners = 1 + usize::from(admin_listener.is_some()) + usize::from(metrics_listener.is_some());
+    listener::raise_fd_limit(limits.max_connections * listeners);
     let tls = match &config.server.tls {
         Some(settings) => Some(tls::Tls::load(settings).await?),
         None => None,
@@ -172,14 +177,20 @@ pub async fn start_with_store(
     };
     crate::prefetch::spawn_jobs(&scheduler, cache.clone(), config.prefetch.clone(), &tasks);
     scheduler.spawn(&tasks);
-    let registry = crate::registry::router(cache.clone());
+    let observer = crate::metrics::Observer::new(&config, cache.clone());
+    let registry = crate::registry::router(cache.clone()).merge(observer.registry_routes());
     let app = match admin_listener {
         None => registry.merge(admin),
         Some(admin_listener) => {
+            let admin = observer.layer(admin.merge(observer.admin_routes()));
             tasks.spawn(admin_listener.run(admin, shutdown.clone()));
             registry
         }
     };
+    if let Some(metrics_listener) = metrics_listener {
+        tasks.spawn(metrics_listener.run(observer.metrics_app(), shutdown.clone()));
+    }
+    let app = observer.layer(app);
     let connections = registry_listener.open_connections();
     let http = tokio::spawn(registry_listener.run(app, shutdown.clone()));
     tracing::info!(

@@ -6,11 +6,13 @@ mod auth;
 mod client;
 mod error;
 mod routing;
+mod stats;
 mod tags;
 mod unavailable;
 
 pub use client::{FetchedManifest, FetchedReferrers, ManifestHead, Upstream};
 pub use error::UpstreamError;
 pub use routing::{RouteError, Routed, Upstreams};
+pub use stats::{Code, Health, Op, UpstreamStats};
 pub use tags::{TAG_LIST_MAX_BYTES, TAG_PAGES_MAX};
 pub use unavailable::warn_unavailable;

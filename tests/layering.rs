@@ -7,20 +7,25 @@ use std::path::Path;
 
 /// Each module and the modules it may use besides itself. Top to bottom:
 /// server/cli → registry/admin → scheduler → cache → (metadata, storage, upstream) →
-/// config → (oci, glob). `fault` (test-only panic points) depends on nothing and may be
-/// used anywhere.
+/// config → (oci, glob). `fault` (test-only panic points) and `counters` (lock-free
+/// counters) depend on nothing and may be used anywhere; `metrics` and `status_page` sit
+/// beside `registry`, read the layers below and name each other.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("oci", &[]),
     ("glob", &[]),
     ("fault", &[]),
+    ("counters", &[]),
+    ("log_writer", &[]),
     ("imagelist", &["oci"]),
     ("config", &["oci", "glob"]),
-    ("metadata", &["oci", "config"]),
+    ("metadata", &["oci", "config", "counters"]),
     ("storage", &["oci", "config"]),
-    ("upstream", &["oci", "config"]),
+    ("upstream", &["oci", "config", "counters"]),
     (
         "cache",
-        &["metadata", "storage", "upstream", "oci", "config", "fault"],
+        &[
+            "metadata", "storage", "upstream", "oci", "config", "fault", "counters",
+        ],
     ),
     (
         "scheduler",
@@ -32,6 +37,23 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     ("registry", &["cache", "upstream", "oci", "config", "fault"]),
     ("admin", &["metadata", "upstream", "oci", "config"]),
+    (
+        "metrics",
+        &[
+            "status_page",
+            "admin",
+            "cache",
+            "metadata",
+            "upstream",
+            "oci",
+            "config",
+            "counters",
+        ],
+    ),
+    (
+        "status_page",
+        &["metrics", "admin", "metadata", "upstream", "config"],
+    ),
 ];
 
 fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {

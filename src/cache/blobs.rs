@@ -1,6 +1,7 @@
 //! Serving blobs: hits from storage, misses through one shared transfer, and blobs cached
 //! for another repository only after the upstream confirms them for this one (I7).
 
+use super::outcome::{report, Outcome};
 use super::transfer::follow;
 use super::{Cache, CacheError, Target};
 use crate::metadata::{now_secs, BlobAccess, Use};
@@ -74,6 +75,7 @@ impl Cache {
                     return Err(CacheError::BlobUnknown { digest: d });
                 }
                 // Cached for another repository: only the upstream may say this one has it.
+                report(Outcome::Revalidated);
                 match t.upstream.head_blob(&t.repo, digest).await {
                     Ok(_) => self.meta.link_blob(&t.key, &d, now_secs()).await?.then_some(size),
                     Err(e) if e.is_not_found() => return Err(CacheError::BlobUnknown { digest: d }),
@@ -96,6 +98,7 @@ impl Cache {
         if self.settings.offline {
             return Err(CacheError::BlobUnknown { digest: d });
         }
+        report(Outcome::Miss);
         if head {
             let size = match t.upstream.head_blob(&t.repo, digest).await {
                 Ok(size) => size,
@@ -119,6 +122,7 @@ impl Cache {
         range: Option<ByteRange>,
         head: bool,
     ) -> Result<BlobResponse, CacheError> {
+        report(Outcome::Hit);
         let range = range.map(|r| r.resolve(size)).transpose()?;
         let body = if head {
             if self.store.size_of(digest).await?.is_none() {

@@ -1,6 +1,7 @@
 //! Tag lists and referrers: asked of the upstream when it answers, kept for when it
 //! does not (offline sites still list what they have).
 
+use super::outcome::{report, Outcome};
 use super::{Cache, CacheError, Target};
 use crate::metadata::{now_secs, ReferrersRecord};
 use crate::oci::Digest;
@@ -34,7 +35,10 @@ impl Cache {
                 })
                 .await;
             match walked {
-                Ok(names) => return Ok(names),
+                Ok(names) => {
+                    report(Outcome::Miss);
+                    return Ok(names);
+                }
                 Err(CacheError::Upstream(e)) if e.is_not_found() => {
                     return Err(CacheError::NameUnknown {
                         repo: t.repo.to_string(),
@@ -42,6 +46,7 @@ impl Cache {
                 }
                 Err(e) if e.is_unavailable() => {
                     tracing::warn!(repo.name = %t.key, error = %e, "upstream unavailable; listing cached tags");
+                    report(Outcome::Stale);
                     if let Some(names) = self.meta.known_tags(&t.key).await? {
                         return Ok(Arc::new(names));
                     }
@@ -50,6 +55,7 @@ impl Cache {
                 Err(e) => return Err(e),
             }
         }
+        report(Outcome::Hit);
         self.meta
             .known_tags(&t.key)
             .await?
@@ -72,6 +78,7 @@ impl Cache {
         if !self.settings.offline {
             match t.upstream.referrers(&t.repo, digest, artifact_type).await {
                 Ok(r) => {
+                    report(Outcome::Miss);
                     let record = ReferrersRecord {
                         media_type: r.content_type,
                         body: r.body,
@@ -87,6 +94,7 @@ impl Cache {
                 Err(e) => return Err(e.into()),
             }
         }
+        report(unavailable.as_ref().map_or(Outcome::Hit, |_| Outcome::Stale));
         if let Some(record) = self.meta.referrers(&t.key, &d, filter).await? {
             return Ok(record);
         }

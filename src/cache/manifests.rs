@@ -2,6 +2,7 @@
 //! after a cheap upstream HEAD (shared by concurrent requests), falling back to the
 //! cached copy when the upstream cannot answer.
 
+use super::outcome::{report, Outcome};
 use super::{Cache, CacheError, Target};
 use crate::metadata::{now_secs, ManifestRecord, NewManifest, Use};
 use crate::oci::{config_created, parse_manifest, Digest, Reference, Tag};
@@ -27,6 +28,7 @@ impl Cache {
     ) -> Result<ManifestRecord, CacheError> {
         let d = digest.to_string();
         if let Some(m) = self.meta.linked_manifest(&t.key, &d).await? {
+            report(Outcome::Hit);
             self.uses.record(Use::Manifest(t.key.clone(), d));
             return Ok(m);
         }
@@ -56,6 +58,7 @@ impl Cache {
                     .get(&check_key)
                     .is_some_and(|at| at.elapsed() < self.settings.revalidate_after.to_std()));
         if fresh {
+            report(Outcome::Hit);
             self.record_tag_use(t, tag, &cached);
             return Ok(cached);
         }
@@ -76,6 +79,7 @@ impl Cache {
             Ok(Err(e)) if e.is_unavailable() => Err(Some(e)),
             Ok(Err(e)) => return Err(e),
         };
+        report(outcome.as_ref().map_or(Outcome::Stale, |()| Outcome::Revalidated));
         match outcome {
             Ok(()) => self.mark_checked(check_key),
             Err(e) => {
@@ -120,6 +124,7 @@ impl Cache {
         t: &Target,
         reference: Reference,
     ) -> Result<ManifestRecord, CacheError> {
+        report(Outcome::Miss);
         let key = (t.key.clone(), reference.to_string());
         let (this, t) = (self.clone(), t.clone());
         self.manifest_fetches

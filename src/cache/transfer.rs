@@ -53,6 +53,7 @@ impl Cache {
         let key: TransferKey = (t.key.clone(), digest.clone());
         let mut transfers = super::lock(&self.transfers);
         if let Some(follower) = transfers.get(&key).and_then(|tr| tr.follow()) {
+            self.transfer_joins.inc();
             return follower;
         }
         let (transfer, follower) = Transfer::with_follower();
@@ -207,6 +208,7 @@ impl Cache {
                     None => ended = true,
                     Some(chunk) => {
                         let chunk = chunk.map_err(upstream_err)?;
+                        t.upstream.stats.fetched(chunk.len() as u64);
                         let received = tr.received() + chunk.len() as u64;
                         if let Some(expected) = size.filter(|s| received > *s) {
                             return Err(CacheError::Truncated { expected, received });

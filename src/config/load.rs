@@ -406,6 +406,7 @@ mod tests {
             "cadence",
             "ns",
             "list",
+            "access",
         ];
         for key in keys {
             assert!(

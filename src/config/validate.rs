@@ -48,6 +48,7 @@ pub(super) fn validate(config: &mut Config) -> Result<(), ConfigError> {
     }
     validate_storage(config)?;
     validate_admin(config)?;
+    validate_metrics(config)?;
     validate_jobs(config)?;
     validate_prefetch(config)?;
     validate_upstreams(&mut config.upstream)
@@ -456,6 +457,34 @@ fn check_upstream_url(key: &str, raw: &str) -> Result<(), ConfigError> {
             key,
             format!("{raw:?} must not end in /v2: regcache adds /v2/ after the URL's path"),
         ));
+    }
+    Ok(())
+}
+
+fn validate_metrics(config: &mut Config) -> Result<(), ConfigError> {
+    let m = &mut config.metrics;
+    if let Some(listen) = &m.listen {
+        listen
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("metrics.listen", format!("{listen:?} is not host:port ({e})")))?;
+        if *listen == config.server.listen || Some(listen) == config.admin.listen.as_ref() {
+            return Err(invalid(
+                "metrics.listen",
+                format!("{listen:?} is already the registry's or the admin API's address"),
+            ));
+        }
+    }
+    if m.token.is_some() && m.token_file.is_some() {
+        return Err(invalid(
+            "metrics.token_file",
+            "set either token or token_file, not both",
+        ));
+    }
+    if let Some(path) = &m.token_file {
+        m.token = Some(read_secret("metrics.token_file", path)?);
+    }
+    if m.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+        return Err(invalid("metrics.token", "must be at least 16 characters"));
     }
     Ok(())
 }

@@ -212,6 +212,7 @@ impl Metadata {
             Ok(out)
         })
         .await
+        .inspect(|d| self.stats().removed(super::RemovalReason::Cleanup, d.unlinked.blobs_handed_to_deletion))
     }
 
     /// Of `repos`, those the policy is due for (never run, or last run a cadence ago), and

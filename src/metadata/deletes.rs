@@ -80,6 +80,9 @@ impl Metadata {
         deferred_reason: Option<&str>,
         now: i64,
     ) -> Result<bool, MetadataError> {
+        let counted = super::RemovalReason::ALL
+            .into_iter()
+            .find(|r| r.label() == reason);
         let (digest, reason, deferred_reason) = (
             digest.to_owned(),
             reason.to_owned(),
@@ -100,6 +103,11 @@ impl Metadata {
             )? > 0)
         })
         .await
+        .inspect(|queued| {
+            if let (true, Some(reason)) = (*queued, counted) {
+                self.stats().removed(reason, 1);
+            }
+        })
     }
 
     /// Announces a write of `digest` under its final key. `None` when the digest is being

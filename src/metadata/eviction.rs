@@ -79,5 +79,6 @@ impl Metadata {
             Ok((queued, freed))
         })
         .await
+        .inspect(|(blobs, bytes)| self.stats().evicted(*blobs, *bytes))
     }
 }

@@ -54,6 +54,7 @@ impl Metadata {
             }
         })
         .await
+        .inspect(|r| self.stats().expired(r))
     }
 
     /// The earliest due time of anything not yet expired, to sleep until.

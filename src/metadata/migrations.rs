@@ -38,6 +38,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "0008_pins_and_prefetch.sql",
         include_str!("../../schema/0008_pins_and_prefetch.sql"),
     ),
+    (
+        9,
+        "0009_observability.sql",
+        include_str!("../../schema/0009_observability.sql"),
+    ),
 ];
 
 /// Brings the database up to the newest schema; a database newer than this build is an
@@ -298,7 +303,7 @@ mod tests {
             out
         };
         let before = jobs(&conn);
-        assert_eq!(migrate(&mut conn).unwrap(), 1);
+        assert_eq!(migrate_to(&mut conn, 8).unwrap(), 1);
         assert_eq!(jobs(&conn), before);
         // The rebuilt table takes the new kind, still refuses unknown ones, and job_deletes
         // still refers to it (deleting the job takes its rows).

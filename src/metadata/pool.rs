@@ -6,6 +6,7 @@ use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 /// Readers beside the writer. Reads are short point lookups; four keep two cores busy
 /// without holding many page caches.
@@ -33,6 +34,7 @@ struct Inner {
     writer: Mutex<Connection>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
+    stats: super::stats::MetadataStats,
 }
 
 impl std::fmt::Debug for Inner {
@@ -82,8 +84,14 @@ impl Metadata {
                 writer: Mutex::new(writer),
                 readers,
                 next_reader: AtomicUsize::new(0),
+                stats: super::stats::MetadataStats::default(),
             }),
         })
+    }
+
+    /// What this handle's writes waited and took, and what it removed; for `/metrics`.
+    pub fn stats(&self) -> &super::stats::MetadataStats {
+        &self.inner.stats
     }
 
     /// Runs `f` on a reader connection, off the async runtime.
@@ -116,12 +124,17 @@ impl Metadata {
         F: FnOnce(&Transaction<'_>) -> Result<T, MetadataError> + Send + 'static,
     {
         let inner = self.inner.clone();
+        let asked = Instant::now();
         run_blocking(move || {
             let mut conn = lock(&inner.writer);
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let out = f(&tx)?;
-            tx.commit()?;
-            Ok(out)
+            let began = Instant::now();
+            inner.stats.writer_wait.observe(began - asked);
+            let out = f(&tx);
+            // Rolled back or committed, the writer was held this long.
+            let committed = out.and_then(|out| Ok(tx.commit().map(|()| out)?));
+            inner.stats.transaction.observe(began.elapsed());
+            committed
         })
         .await
     }

@@ -4,7 +4,7 @@
 use super::expiry::{enqueue_unreferenced, remove_manifest_if_unlinked};
 use super::jobs::insert_job;
 use super::repos::{repo_row, RepoKey};
-use super::{Metadata, MetadataError};
+use super::{Metadata, MetadataError, RemovalReason};
 use rusqlite::{params, Transaction};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -159,6 +159,10 @@ impl Metadata {
             Ok(total)
         })
         .await
+        .inspect(|u| {
+            self.stats()
+                .removed(RemovalReason::Purged, u.blobs_handed_to_deletion)
+        })
     }
 
     /// What became of the blobs `job` handed to the deletion pipeline.
@@ -234,7 +238,7 @@ impl Metadata {
         let repo = repo.clone();
         self.write(move |tx| {
             let Some((id, _)) = repo_row(tx, &repo)? else {
-                return Ok((RepoDeleteStep::Finished, Unlinked::default()));
+                return Ok((RepoDeleteStep::Finished, Unlinked::default(), 0));
             };
             tx.execute(
                 "UPDATE repositories SET state = 'delete_ongoing', delete_heartbeat_at = ?2 WHERE id = ?1",
@@ -254,8 +258,10 @@ impl Metadata {
                 RepoDeleteStep::Finished
             };
             set_progress(tx, job, &json!({ "removed": total }), now)?;
-            Ok((step, total))
+            Ok((step, total, batch.blobs_handed_to_deletion))
         })
         .await
+        .inspect(|(_, _, handed)| self.stats().removed(RemovalReason::Purged, *handed))
+        .map(|(step, total, _)| (step, total))
     }
 }

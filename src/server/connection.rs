@@ -31,10 +31,12 @@ pub(crate) enum Ended {
 /// Serves `io` until the client leaves, a timeout runs out, or shutdown is signalled
 /// (then in-flight requests finish; the server's drain bounds how long that may take).
 /// `peer`, the verified client certificate's identity, goes into every request's
-/// extensions as an `Arc<ClientCert>`.
+/// extensions as an `Arc<ClientCert>`, and the client's address as axum's
+/// `ConnectInfo<SocketAddr>` (failed logins are slowed per address).
 pub(crate) async fn serve<T>(
     io: T,
     app: Router,
+    client: std::net::SocketAddr,
     peer: Option<Arc<ClientCert>>,
     timeouts: Timeouts,
     shutdown: CancellationToken,
@@ -47,6 +49,7 @@ where
         let activity = activity.clone();
         hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             let in_flight = activity.request_started();
+            req.extensions_mut().insert(axum::extract::ConnectInfo(client));
             if let Some(peer) = &peer {
                 req.extensions_mut().insert(peer.clone());
             }

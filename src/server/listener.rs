@@ -144,8 +144,8 @@ impl Serving {
                 () = shutdown.cancelled() => break,
                 accepted = listener.accept() => accepted,
             };
-            let stream = match accepted {
-                Ok((stream, _peer)) => stream,
+            let (stream, client) = match accepted {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     if accept_errors.tick() {
                         tracing::warn!(listener = key, error = %e, errors = accept_errors.take(), "accepting connections failed");
@@ -177,8 +177,8 @@ impl Serving {
             let (app, shutdown, tls) = (app.clone(), shutdown.clone(), tls.clone());
             connections.spawn(async move {
                 let ended = match tls {
-                    None => connection::serve(stream, app, None, limits.timeouts, shutdown).await,
-                    Some(tls) => serve_tls(stream, &tls, app, limits, shutdown).await,
+                    None => connection::serve(stream, app, client, None, limits.timeouts, shutdown).await,
+                    Some(tls) => serve_tls(stream, client, &tls, app, limits, shutdown).await,
                 };
                 drop(permit);
                 match ended {
@@ -201,6 +201,7 @@ impl Serving {
 /// client certificate's identity.
 async fn serve_tls(
     stream: TcpStream,
+    client: std::net::SocketAddr,
     tls: &Tls,
     app: Router,
     limits: Limits,
@@ -219,7 +220,7 @@ async fn serve_tls(
         .and_then(|chain| chain.first())
         .and_then(|leaf| ClientCert::from_der(leaf))
         .map(Arc::new);
-    connection::serve(stream, app, peer, limits.timeouts, shutdown).await
+    connection::serve(stream, app, client, peer, limits.timeouts, shutdown).await
 }
 
 /// Answers 503 if the socket takes it at once, then closes: the client learns at once

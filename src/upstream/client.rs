@@ -57,6 +57,8 @@ pub struct Upstream {
     /// Sent as `?ns=` on every request: this upstream is a mirror of that registry (a
     /// chained regcache).
     ns: Option<String>,
+    /// Requests, answers, latency and bytes, for `/metrics` and the status page.
+    pub stats: super::stats::UpstreamStats,
 }
 
 fn is_docker_hub_host(host: &str) -> bool {
@@ -103,6 +105,7 @@ impl Upstream {
             tokens: Mutex::new(TokenCache::default()),
             basic: AtomicBool::new(false),
             ns: config.ns.clone(),
+            stats: super::stats::UpstreamStats::default(),
         })
     }
 
@@ -170,8 +173,9 @@ impl Upstream {
                     req = req.basic_auth(user, Some(pass.expose()));
                 }
             }
-            let resp = req
-                .send()
+            let resp = self
+                .stats
+                .timed(super::stats::Op::of(&method, &url), req.send())
                 .await
                 .map_err(|e| UpstreamError::from_reqwest(&self.name, &e))?;
             if resp.status() != StatusCode::UNAUTHORIZED || attempt > 0 {
@@ -239,8 +243,9 @@ impl Upstream {
                 );
             }
         }
-        let resp = req
-            .send()
+        let resp = self
+            .stats
+            .timed(super::stats::Op::Token, req.send())
             .await
             .map_err(|e| UpstreamError::from_reqwest(&self.name, &e))?;
         if !resp.status().is_success() {
@@ -323,6 +328,7 @@ impl Upstream {
         let content_type = header_string(resp.headers(), CONTENT_TYPE);
         let digest_header = header_string(resp.headers(), "docker-content-digest");
         let body = read_limited(resp, MANIFEST_MAX_BYTES, &self.name).await?;
+        self.stats.fetched(body.len() as u64);
         Ok(FetchedManifest {
             body,
             content_type,
@@ -393,6 +399,7 @@ impl Upstream {
             .unwrap_or_else(|| "application/vnd.oci.image.index.v1+json".into());
         let filters_applied = header_string(resp.headers(), "oci-filters-applied");
         let body = read_limited(resp, MANIFEST_MAX_BYTES, &self.name).await?;
+        self.stats.fetched(body.len() as u64);
         Ok(FetchedReferrers {
             body,
             content_type,

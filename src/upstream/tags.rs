@@ -50,6 +50,7 @@ impl Upstream {
                 other => other?,
             };
             budget -= body.len();
+            self.stats.fetched(body.len() as u64);
             let page: TagList = serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid {
                 upstream: self.name.clone(),
                 message: format!("tag list: {e}"),

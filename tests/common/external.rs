@@ -50,6 +50,8 @@ pub fn require_tool(name: &str) -> PathBuf {
             "moto_server" => "python3 -m pip install 'moto[server]'".to_owned(),
             "ctr" | "containerd" => "apt-get install -y containerd".to_owned(),
             "nginx" => "apt-get install -y nginx-light".to_owned(),
+            "promtool" => "apt-get install -y prometheus".to_owned(),
+            "systemd-analyze" => "apt-get install -y systemd".to_owned(),
             other => format!("apt-get install -y {other}"),
         };
         panic!("`{name}` is not on PATH; install {name}: {how}, see .ci/run")

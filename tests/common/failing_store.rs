@@ -5,9 +5,9 @@
 //! pipeline (I3) and write path (I2) through storage failures.
 //!
 //! Every method delegates to the inner store; the injections apply only to
-//! deletes (`delete_stream`, path by path, which is what `ObjectStoreExt::delete` uses too)
-//! and to writes (`put_opts`, and through its `MultipartStore` the start and the parts of a
-//! multipart upload). Like the fixture upstream, it knows
+//! deletes (`delete_stream`, path by path, which is what `ObjectStoreExt::delete` uses too),
+//! to writes (`put_opts`, and through its `MultipartStore` the start and the parts of a
+//! multipart upload) and, on command, to every read (`fail_reads`). Like the fixture upstream, it knows
 //! nothing of regcache. Controls take `&self` and act at once; the state sits behind a
 //! `std::sync::Mutex` never held across an `.await`.
 //!
@@ -70,6 +70,8 @@ struct State {
     fail_parts: bool,
     /// Multipart uploads started, completed, aborted.
     multipart: [usize; 3],
+    /// Every read (`get_opts`, which `head` goes through) fails, until `heal`.
+    fail_reads: bool,
 }
 
 /// See the module documentation.
@@ -236,6 +238,7 @@ impl FailingStore {
         s.failed_since_command.clear();
         s.fail_puts = 0;
         s.fail_parts = false;
+        s.fail_reads = false;
     }
 
     /// Delete attempts of every object so far.
@@ -261,6 +264,14 @@ impl FailingStore {
     /// Every object a delete was attempted on.
     pub fn deleted_paths(&self) -> Vec<Path> {
         self.lock().attempts.keys().cloned().collect()
+    }
+
+    // ----- reads -------------------------------------------------------------------------
+
+    /// Every read (`get`, `head`, ranges) fails with a Generic error until `heal`: a store
+    /// that no longer answers.
+    pub fn fail_reads(&self) {
+        self.lock().fail_reads = true;
     }
 
     // ----- writes ------------------------------------------------------------------------
@@ -393,6 +404,10 @@ impl ObjectStore for FailingStore {
         'life1: 'async_trait,
         Self: 'async_trait,
     {
+        if self.lock().fail_reads {
+            let err = injected("read", location);
+            return Box::pin(async move { Err(err) });
+        }
         self.inner.get_opts(location, options)
     }
 
@@ -407,6 +422,10 @@ impl ObjectStore for FailingStore {
         'life2: 'async_trait,
         Self: 'async_trait,
     {
+        if self.lock().fail_reads {
+            let err = injected("read", location);
+            return Box::pin(async move { Err(err) });
+        }
         self.inner.get_ranges(location, ranges)
     }
 
