@@ -1,6 +1,7 @@
 //! Command-line entry points. The only place (with `main`) where `anyhow` is used.
 
 mod admin_ops;
+mod bundle;
 mod format;
 mod ops;
 
@@ -97,6 +98,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write cached images to a bundle (an OCI image layout as .tar, or .tar.zst) to carry
+    /// to another site; also writes BUNDLE.digests, for a later --since.
+    Export {
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Image list file naming the cached images to export (see README).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        list: Option<PathBuf>,
+        /// Export every cached image instead of a list.
+        #[arg(long)]
+        all: bool,
+        /// The bundle to write: NAME.tar, or NAME.tar.zst to compress it.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// An earlier bundle, or its .digests file: leave out every blob it carried.
+        #[arg(long)]
+        since: Option<PathBuf>,
+        /// One JSON line per event on stdout, and a summary line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a bundle (regcache's, a skopeo oci-archive, or an OCI layout directory):
+    /// every blob is verified; an image is served only once all of it is in.
+    Import {
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        bundle: PathBuf,
+        /// Put every image under this upstream, whatever registry its name gives.
+        #[arg(long)]
+        upstream: Option<String>,
+        /// One JSON line per event on stdout, and a summary line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,6 +211,34 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let c = load(config.as_deref())?;
             runtime()?.block_on(admin_ops::cleanup_run(&c, dry_run, json))
+        }
+        Command::Export {
+            config,
+            list,
+            all,
+            output,
+            since,
+            json,
+        } => {
+            let c = load(config.as_deref())?;
+            init_logging(&config::LogConfig {
+                level: "warn".into(),
+                ..c.log.clone()
+            })?;
+            runtime()?.block_on(bundle::export(&c, list.as_deref(), all, output, since, json))
+        }
+        Command::Import {
+            config,
+            bundle: path,
+            upstream,
+            json,
+        } => {
+            let c = load(config.as_deref())?;
+            init_logging(&config::LogConfig {
+                level: "warn".into(),
+                ..c.log.clone()
+            })?;
+            runtime()?.block_on(bundle::import(&c, &path, upstream, json))
         }
         Command::Serve { config } => {
             let c = load(config.as_deref())?;

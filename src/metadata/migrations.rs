@@ -28,6 +28,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "0006_open_uploads.sql",
         include_str!("../../schema/0006_open_uploads.sql"),
     ),
+    (
+        7,
+        "0007_imports.sql",
+        include_str!("../../schema/0007_imports.sql"),
+    ),
 ];
 
 /// Brings the database up to the newest schema; a database newer than this build is an
@@ -229,7 +234,7 @@ mod tests {
             [],
         )
         .unwrap();
-        assert_eq!(migrate(&mut conn).unwrap(), 1);
+        assert_eq!(migrate_to(&mut conn, 6).unwrap(), 1);
         let intent: (i64, String, Option<String>, Option<String>) = conn
             .query_row(
                 "SELECT id, digest, upload_key, upload_id FROM write_intents",
