@@ -77,8 +77,8 @@ pub async fn regcache(args: &[&str]) -> Output {
         .expect("waiting for regcache")
 }
 
-/// `regcache ARGS`, which must succeed; returns its last stdout line as JSON (the summary
-/// of `--json`) when there is one.
+/// `regcache ARGS`, which must succeed; returns what it printed as JSON (`--json`: the
+/// document, or the last line of JSON lines, the summary), or null.
 pub async fn regcache_ok(args: &[&str]) -> serde_json::Value {
     let out = regcache(args).await;
     assert!(
@@ -88,11 +88,11 @@ pub async fn regcache_ok(args: &[&str]) -> serde_json::Value {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // One JSON document (`fsck --json`), or JSON lines ending with the summary.
     let stdout = String::from_utf8_lossy(&out.stdout);
-    stdout
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
+    serde_json::from_str(&stdout)
+        .ok()
+        .or_else(|| stdout.lines().last().and_then(|l| serde_json::from_str(l).ok()))
         .unwrap_or(serde_json::Value::Null)
 }
 
