@@ -178,6 +178,9 @@ impl Linker {
             return Err(BundleError::Incomplete(errors));
         }
         for (t, image) in images {
+            // NOTE(pinning): an export of an image list entry with `pin = true` marks its
+            // index.json entry `io.regcache.pin = "true"` (plan::PIN_ANNOTATION). Once
+            // pinning exists, pin the image here, in the same transaction as its link.
             if let Err(refused) = ctx
                 .meta
                 .link_imported_image(ctx.import, image, now_secs())

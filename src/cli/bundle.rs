@@ -84,6 +84,17 @@ impl bundle::Progress for Report {
     }
 }
 
+/// The memory backend keeps blobs inside the server process: another process can neither
+/// read them nor add to them.
+fn refuse_memory_backend(config: &Config) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.storage.backend != crate::config::Backend::Memory,
+        "config key `storage.backend` is \"memory\": its blobs live inside the server process, \
+         out of reach of this command (bundles work on filesystem, S3 and GCS storage)"
+    );
+    Ok(())
+}
+
 pub(super) async fn export(
     config: &Config,
     list: Option<&Path>,
@@ -97,6 +108,7 @@ pub(super) async fn export(
         (None, true) => ExportSelection::All,
         _ => anyhow::bail!("give an image list file or --all (not both)"),
     };
+    refuse_memory_backend(config)?;
     let meta = open_metadata(config).await?;
     let store = crate::storage::build(&config.storage, &config.server.data_dir).context("opening storage")?;
     let report = Arc::new(Report::new(json, "exporting"));
@@ -155,6 +167,7 @@ pub(super) async fn import(
         "bundle {}: no such file or directory",
         path.display()
     );
+    refuse_memory_backend(config)?;
     let meta = open_or_create(config).await?;
     let store = crate::storage::build(&config.storage, &config.server.data_dir).context("opening storage")?;
     let report = Arc::new(Report::new(json, "importing"));
