@@ -38,6 +38,8 @@ struct Bundles {
     big_bundle: PathBuf,
     small: Image,
     small_bundle: PathBuf,
+    /// Both images, the small one first (its blobs come before the large one's).
+    both_bundle: PathBuf,
     _source: Site,
 }
 
@@ -78,6 +80,22 @@ async fn bundles() -> Bundles {
         .await;
         paths.push(bundle);
     }
+    let list = source.path("both.toml");
+    std::fs::write(
+        &list,
+        format!("[[image]]\nref = \"{host}/test/small:v1\"\n[[image]]\nref = \"{host}/test/big:v1\"\n"),
+    )
+    .unwrap();
+    let both_bundle = source.path("both.tar");
+    regcache_ok(&[
+        "export",
+        "--config",
+        source.config_arg(),
+        list.to_str().unwrap(),
+        "-o",
+        both_bundle.to_str().unwrap(),
+    ])
+    .await;
     let small_bundle = paths.pop().unwrap();
     let big_bundle = paths.pop().unwrap();
     Bundles {
@@ -86,6 +104,7 @@ async fn bundles() -> Bundles {
         big_bundle,
         small,
         small_bundle,
+        both_bundle,
         _source: source,
     }
 }
@@ -207,6 +226,28 @@ async fn a_corrupt_or_truncated_bundle_fails_naming_the_entry_and_a_rerun_comple
     regcache_ok(&["import", "--config", site.config_arg(), good]).await;
     serves(&site, "test/big", &b.big).await;
     serves(&site, "test/small", &b.small).await;
+
+    // A bundle of two images cut after the first one's blobs: the complete one is not
+    // linked either, since the bundle as a whole is broken.
+    let site = offline_site(&b);
+    let (last, _) = last_blob_over(&b.both_bundle, 4 * MIB as u64);
+    let cut = site.path("both-cut.tar");
+    truncate_copy(&b.both_bundle, &cut, last.offset - 512);
+    let err = regcache_fails(&["import", "--config", site.config_arg(), cut.to_str().unwrap()]).await;
+    assert!(
+        err.contains("test/big:v1") && err.contains(&digest_of(&last)),
+        "{err}"
+    );
+    linked_nothing(&site.data_dir());
+    regcache_ok(&[
+        "import",
+        "--config",
+        site.config_arg(),
+        b.both_bundle.to_str().unwrap(),
+    ])
+    .await;
+    serves(&site, "test/small", &b.small).await;
+    serves(&site, "test/big", &b.big).await;
 }
 
 /// `regcache import` reading a named pipe that gets only the first `cut` bytes of

@@ -246,11 +246,20 @@ fn deleting(tx: &Transaction<'_>, digest: &str) -> Result<bool, MetadataError> {
     )?)
 }
 
+/// Holds `digest` for `import`, which is alive (a heartbeat). An import abandoned meanwhile
+/// (silent for longer than reconciliation allows) can hold nothing more.
 fn hold(tx: &Transaction<'_>, import: i64, digest: &str, now: i64) -> Result<(), MetadataError> {
+    let alive = tx
+        .prepare_cached("UPDATE imports SET heartbeat_at = max(heartbeat_at, ?2) WHERE id = ?1")?
+        .execute(params![import, now])?
+        > 0;
+    if !alive {
+        return Err(MetadataError::Task(format!(
+            "import {import} was abandoned (silent for too long) and its blobs released; run it again"
+        )));
+    }
     tx.prepare_cached("INSERT INTO import_blobs (digest, import_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?
         .execute(params![digest, import])?;
-    tx.prepare_cached("UPDATE imports SET heartbeat_at = max(heartbeat_at, ?2) WHERE id = ?1")?
-        .execute(params![import, now])?;
     Ok(())
 }
 
