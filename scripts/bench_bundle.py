@@ -4,13 +4,15 @@
 Subcommands:
   seed-big DIR MIB        write an OCI image layout at DIR with tag `big`: one image whose
                           only layer is an uncompressed tar of MIB MiB of random bytes
-  measure OUT CMD...      run CMD, then write `seconds peak_rss_kib exit_status` to OUT
-                          (peak RSS of CMD from getrusage: exact, no sampling)
+  measure OUT CMD...      run CMD under GNU time, then write `seconds peak_rss_kib
+                          exit_status` to OUT (peak RSS from the kernel's accounting of
+                          CMD itself: exact, no sampling; python's own getrusage would
+                          count the interpreter's memory, which a forked child inherits
+                          until it execs)
 """
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -40,10 +42,12 @@ def seed_big(root, mib):
 
 
 def measure(out, cmd):
+    stats = out + ".time"
     start = time.monotonic()
-    status = subprocess.call(cmd)
+    status = subprocess.call(["/usr/bin/time", "-f", "%M", "-o", stats] + cmd)
     elapsed = time.monotonic() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with open(stats) as f:
+        peak = int(f.read().split()[-1])
     with open(out, "w") as f:
         f.write(f"{elapsed:.3f} {peak} {status}\n")
 

@@ -19,7 +19,7 @@
 #     against `tar -xf bundle.tar` into an empty directory;
 #   - `skopeo sync --src docker --dest dir` of the three repositories from the upstream
 #     into an empty directory, the way such a bundle is made without regcache.
-# Peak RSS (getrusage of the child: exact) of export and import for the fixture set
+# Peak RSS (GNU time: the kernel's high-water mark of the process) of export and import for the fixture set
 # alone and with the 1 GiB image shows memory does not grow with the bundle. One `.tar.zst`
 # export and import are timed for information (no target).
 # Page caches are warm for every contender alike (everything was just written). The
@@ -51,6 +51,7 @@ die() {
 for tool in cargo docker-registry skopeo tar curl python3; do
   command -v "$tool" >/dev/null || die "\`$tool\` is not on PATH (see .ci/run for how to install it)"
 done
+[[ -x /usr/bin/time ]] || die "GNU time is missing (apt-get install -y time): it measures peak RSS"
 
 PIDS=()
 WORK=""
@@ -168,9 +169,9 @@ FIXTURE_LIST="$WORK/fixtures.toml"
 printf '[[image]]\nref = "%s/bench/multi:v1"\n\n[[image]]\nref = "%s/bench/single:v1"\n' "$UP" "$UP" >"$FIXTURE_LIST"
 
 measure() { # NAME CMD... -> appends "NAME seconds rss_kib" to $WORK/results
-  python3 "$BHELPER" measure "$WORK/m" "${@:2}"
+  python3 "$BHELPER" measure "$WORK/m" "${@:2}" >>"$WORK/commands.log" 2>&1
   read -r secs rss status <"$WORK/m"
-  [[ $status == 0 ]] || die "$1 exited with $status"
+  [[ $status == 0 ]] || { tail -n 20 "$WORK/commands.log" >&2; die "$1 exited with $status"; }
   echo "$1 $secs $rss" >>"$WORK/results"
 }
 
@@ -192,7 +193,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
   rm -rf "$WORK/extract" "$WORK/site"
 
   rm -rf "$WORK/sync"
-  measure skopeo-sync sh -c "for r in multi single big; do skopeo --insecure-policy sync --quiet --all --src docker --dest dir --src-tls-verify=false '$UP/bench/'\$r '$WORK/sync' || exit 1; done"
+  measure skopeo-sync sh -c "for r in multi single big; do skopeo --insecure-policy sync --all --src docker --dest dir --src-tls-verify=false '$UP/bench/'\$r '$WORK/sync' || exit 1; done"
   rm -rf "$WORK/sync"
 done
 BUNDLE_BYTES=$(stat -c %s "$BUNDLE")
@@ -227,7 +228,8 @@ for k, label in [("export", "regcache export"), ("tar-c-sync", "tar -cf + sync")
                  ("export-zst", "regcache export .tar.zst"), ("import-zst", "regcache import .tar.zst"),
                  ("export-small", "regcache export, fixture set only"), ("import-small", "regcache import, fixture set only")]:
     if k in med:
-        print(f"{label:34}{med[k]:9.2f}{rate(k) if not k.endswith('small') else 0:9.0f}{rss[k] / 1024:8.1f} MiB")
+        speed = "-" if k.endswith("small") else f"{rate(k):.0f}"
+        print(f"{label:34}{med[k]:9.2f}{speed:>9}{rss[k] / 1024:8.1f} MiB")
 e, i = med["export"], med["import"]
 checks = [
     (f"export vs tar -cf + sync: {med['tar-c-sync'] / e:.2f}x (tar -cf alone: {med['tar-c'] / e:.2f}x)", med["tar-c-sync"] / e >= 0.5),
