@@ -22,7 +22,7 @@ use common::bundles::{
 use common::data_dir::{blob_path, count, leftovers};
 use common::external::{skopeo_copy, DockerRegistry};
 use common::images::{assert_layout_has, Image};
-use common::wait_until;
+use common::wait_until_async;
 
 /// Bound on waiting for an import to reach the point where it is killed.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -250,76 +250,123 @@ async fn a_corrupt_or_truncated_bundle_fails_naming_the_entry_and_a_rerun_comple
     serves(&site, "test/big", &b.big).await;
 }
 
-/// `regcache import` reading a named pipe that gets only the first `cut` bytes of
-/// `bundle`, killed (SIGKILL) once it holds every blob of `expect` (all before the cut):
-/// it is then waiting for the rest. Returns the blobs held.
-async fn import_killed_at(site: &Site, bundle: &Path, cut: u64, expect: &[String]) -> Vec<String> {
-    let fifo = site.path("pipe");
-    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
-    assert!(made.success());
-    let child = Command::new(BIN)
-        .args(["import", "--config", site.config_arg()])
-        .arg(&fifo)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning regcache import");
-    let mut guard = common::binary::ChildGuard(Some(child));
-    // The writer feeds the prefix, then holds the pipe open (no end of file) until told.
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    let bytes = std::fs::read(bundle).unwrap();
-    let writer = std::thread::spawn({
-        let fifo = fifo.clone();
-        move || {
-            use std::io::Write as _;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&fifo)
-                .expect("open fifo");
-            let _ = f.write_all(&bytes[..cut as usize]);
-            let _ = done_rx.recv();
-        }
-    });
-    let data = site.data_dir();
-    wait_until("the import committed the blobs before the cut", DEADLINE, || {
-        // The database may not be created and migrated yet.
-        let now: Vec<String> = rusqlite::Connection::open_with_flags(
-            data.join("regcache.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .and_then(|db| {
-            let mut stmt = db.prepare("SELECT digest FROM import_blobs")?;
-            let rows = stmt.query_map([], |r| r.get(0))?;
-            rows.collect()
+/// `regcache import` reading a named pipe fed by a thread of the test: first the bundle's
+/// bytes up to a cut, then (when told) the rest, so the import can be paused in the middle
+/// at a point the test chooses.
+struct PipedImport {
+    child: tokio::process::Child,
+    writer: std::thread::JoinHandle<()>,
+    rest: std::sync::mpsc::Sender<bool>,
+    fifo: PathBuf,
+}
+
+impl PipedImport {
+    /// Starts the import of `bundle` into `site` and returns once it holds every blob of
+    /// `expect` (all before `cut`): it is then waiting for more bytes.
+    async fn start(site: &Site, bundle: &Path, cut: u64, expect: &[String]) -> PipedImport {
+        let fifo = site.path("pipe");
+        let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+        assert!(made.success());
+        let child = tokio::process::Command::new(BIN)
+            .args(["import", "--json", "--config", site.config_arg()])
+            .arg(&fifo)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning regcache import");
+        let (rest, told) = std::sync::mpsc::channel::<bool>();
+        let bytes = std::fs::read(bundle).unwrap();
+        let writer = std::thread::spawn({
+            let fifo = fifo.clone();
+            move || {
+                use std::io::Write as _;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&fifo)
+                    .expect("open fifo");
+                let _ = f.write_all(&bytes[..cut as usize]);
+                if told.recv() == Ok(true) {
+                    let _ = f.write_all(&bytes[cut as usize..]);
+                }
+            }
+        });
+        let data = site.data_dir();
+        wait_until_async("the import committed the blobs before the cut", DEADLINE, || {
+            // The database may not be created and migrated yet.
+            let now: Vec<String> = rusqlite::Connection::open_with_flags(
+                data.join("regcache.db"),
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .and_then(|db| {
+                let mut stmt = db.prepare("SELECT digest FROM import_blobs")?;
+                let rows = stmt.query_map([], |r| r.get(0))?;
+                rows.collect()
+            })
+            .unwrap_or_default();
+            let done = expect.iter().all(|d| now.contains(d));
+            async move { done }
         })
-        .unwrap_or_default();
-        expect.iter().all(|d| now.contains(d))
-    });
-    let mut child = guard.0.take().unwrap();
-    child.kill().expect("SIGKILL");
-    let status = child.wait().unwrap();
-    assert!(!status.success(), "killed, not finished: {status}");
-    drop(done_tx);
-    writer.join().unwrap();
-    std::fs::remove_file(&fifo).unwrap();
-    held(&data)
+        .await;
+        PipedImport {
+            child,
+            writer,
+            rest,
+            fifo,
+        }
+    }
+
+    /// SIGKILL, then the pipe is closed.
+    async fn kill(mut self) {
+        self.child.kill().await.expect("SIGKILL");
+        let status = self.child.wait().await.unwrap();
+        assert!(!status.success(), "killed, not finished: {status}");
+        drop(self.rest);
+        self.writer.join().unwrap();
+        std::fs::remove_file(&self.fifo).unwrap();
+    }
+
+    /// Feeds the rest of the bundle; the import must then succeed. Returns its summary.
+    async fn finish(self) -> serde_json::Value {
+        self.rest.send(true).unwrap();
+        let out = tokio::time::timeout(DEADLINE, self.child.wait_with_output())
+            .await
+            .expect("the import finishes")
+            .unwrap();
+        self.writer.join().unwrap();
+        std::fs::remove_file(&self.fifo).unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "import failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("a JSON summary")
+    }
+}
+
+/// The blobs a bundle carries before its last large one (those an import paused in that
+/// one has committed), and a cut in the middle of that one.
+fn cut_in_last_large_blob(bundle: &Path) -> (u64, Vec<String>) {
+    let (last, before) = last_blob_over(bundle, 4 * MIB as u64);
+    let mut expect: Vec<String> = before.iter().filter(|e| e.size > 4096).map(digest_of).collect();
+    expect.sort();
+    (last.offset + last.size / 2, expect)
 }
 
 #[tokio::test]
 async fn an_import_killed_midway_links_nothing_a_rerun_reuses_its_blobs_and_an_abandoned_one_is_collected() {
     let b = bundles().await;
-    let (last, before) = last_blob_over(&b.big_bundle, 4 * MIB as u64);
-    let expect: Vec<String> = {
-        let mut v: Vec<String> = before.iter().filter(|e| e.size > 4096).map(digest_of).collect();
-        v.sort();
-        v
-    };
-    let cut = last.offset + last.size / 2;
+    let (cut, expect) = cut_in_last_large_blob(&b.big_bundle);
 
     let site = offline_site(&b);
-    let committed = import_killed_at(&site, &b.big_bundle, cut, &expect).await;
+    PipedImport::start(&site, &b.big_bundle, cut, &expect)
+        .await
+        .kill()
+        .await;
+    let committed = held(&site.data_dir());
     assert!(expect.iter().all(|d| committed.contains(d)), "{committed:?}");
     linked_nothing(&site.data_dir());
     assert_eq!(count(&site.data_dir(), "SELECT count(*) FROM imports"), 1);
@@ -356,7 +403,11 @@ async fn an_import_killed_midway_links_nothing_a_rerun_reuses_its_blobs_and_an_a
         true,
         "[storage]\nreconcile_grace = \"1s\"\n",
     );
-    let committed = import_killed_at(&site, &b.big_bundle, cut, &expect).await;
+    PipedImport::start(&site, &b.big_bundle, cut, &expect)
+        .await
+        .kill()
+        .await;
+    let committed = held(&site.data_dir());
     assert!(!committed.is_empty());
     let work_dirs = std::fs::read_dir(site.data_dir().join("imports"))
         .unwrap()
@@ -389,7 +440,7 @@ async fn an_import_killed_midway_links_nothing_a_rerun_reuses_its_blobs_and_an_a
 }
 
 #[tokio::test]
-async fn an_import_into_a_serving_data_dir_is_served_at_once_and_serving_goes_on() {
+async fn an_import_into_a_serving_data_dir_survives_a_restart_and_is_served_at_once() {
     let b = bundles().await;
     let site = offline_site(&b);
     regcache_ok(&[
@@ -401,15 +452,13 @@ async fn an_import_into_a_serving_data_dir_is_served_at_once_and_serving_goes_on
     .await;
     let text = std::fs::read_to_string(&site.config_path).unwrap();
     let server_dir = tempfile::tempdir().unwrap();
-    let mut server = Regcache::start(server_dir.path(), "serve", |port| {
+    let config_for = |port: u16| {
         text.replace(
             "listen = \"127.0.0.1:0\"",
             &format!("listen = \"127.0.0.1:{port}\""),
         )
-    })
-    .await;
-    let tmp_marker = site.data_dir().join("tmp").join("keep-me");
-    std::fs::write(&tmp_marker, b"a download of the server").unwrap();
+    };
+    let mut server = Regcache::start(server_dir.path(), "first", config_for).await;
 
     // Pulls of the small image go on while the large one is imported.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -425,20 +474,34 @@ async fn an_import_into_a_serving_data_dir_is_served_at_once_and_serving_goes_on
             pulls
         }
     });
-    let done = regcache_ok(&[
-        "import",
-        "--config",
-        site.config_arg(),
-        b.big_bundle.to_str().unwrap(),
-        "--json",
-    ])
-    .await;
+    let (cut, expect) = cut_in_last_large_blob(&b.big_bundle);
+    let import = PipedImport::start(&site, &b.big_bundle, cut, &expect).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let pulls = puller.await.expect("every pull during the import succeeded");
     assert!(pulls >= 1);
+
+    // The server restarts meanwhile: it empties data_dir/tmp and takes back what a dead
+    // process left, but the import's work files and holds are its own.
+    server.stop().await;
+    let work: Vec<PathBuf> = std::fs::read_dir(site.data_dir().join("imports"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(work.len(), 1);
+    let mut server = Regcache::start(server_dir.path(), "second", config_for).await;
+    assert!(
+        work[0].exists(),
+        "the running import's work dir survived the restart"
+    );
+    let still = held(&site.data_dir());
+    assert!(
+        expect.iter().all(|d| still.contains(d)),
+        "and its holds: {still:?}"
+    );
+    let done = import.finish().await;
     assert_eq!(done["images"][0], format!("{}/test/big:v1", b.host), "{done}");
 
-    // The server serves it without a restart, to skopeo.
+    // Served without a restart, to skopeo.
     let out = site.path("pulled");
     skopeo_copy(
         &format!(
@@ -454,10 +517,14 @@ async fn an_import_into_a_serving_data_dir_is_served_at_once_and_serving_goes_on
         .chain(b.big.blobs().map(|x| x.digest.as_str()))
         .collect();
     assert_layout_has(&out, &digests);
-    assert!(
-        tmp_marker.exists(),
-        "the import left the server's temporary files alone"
-    );
     assert_eq!(bundle_blobs(&b.big_bundle).len(), digests.len());
+    common::app::pull_image(
+        &reqwest::Client::new(),
+        &server.base,
+        "test/small",
+        "v1",
+        &b.small,
+    )
+    .await;
     server.stop().await;
 }
