@@ -132,7 +132,7 @@ fn digest_of(e: &TarEntry) -> String {
 fn held(data_dir: &Path) -> Vec<String> {
     let db = common::data_dir::db(data_dir);
     let mut stmt = db
-        .prepare("SELECT digest FROM import_blobs ORDER BY digest")
+        .prepare("SELECT DISTINCT digest FROM import_blobs ORDER BY digest")
         .unwrap();
     let rows = stmt.query_map([], |r| r.get(0)).unwrap();
     rows.collect::<Result<_, _>>().unwrap()
@@ -166,6 +166,10 @@ async fn a_corrupt_or_truncated_bundle_fails_naming_the_entry_and_a_rerun_comple
     let corrupt = site.path("corrupt.tar");
     corrupt_entry(&b.big_bundle, &corrupt, &last.path, last.size / 2);
     let err = regcache_fails(&["import", "--config", site.config_arg(), corrupt.to_str().unwrap()]).await;
+    assert!(err.contains(&last.path) && err.contains("corrupt"), "{err}");
+    linked_nothing(&site.data_dir());
+    // Read as a stream (a pipe), the bundle goes through the other reading path.
+    let err = import_streamed(&site, &corrupt).await;
     assert!(err.contains(&last.path) && err.contains("corrupt"), "{err}");
     linked_nothing(&site.data_dir());
     let committed = held(&site.data_dir());
@@ -205,6 +209,8 @@ async fn a_corrupt_or_truncated_bundle_fails_naming_the_entry_and_a_rerun_comple
     let inside = site.path("inside.tar");
     truncate_copy(&b.big_bundle, &inside, last.offset + last.size / 3);
     let err = regcache_fails(&["import", "--config", site.config_arg(), inside.to_str().unwrap()]).await;
+    assert!(err.contains(&last.path) && err.contains("truncated"), "{err}");
+    let err = import_streamed(&site, &inside).await;
     assert!(err.contains(&last.path) && err.contains("truncated"), "{err}");
     let between = site.path("between.tar");
     truncate_copy(&b.big_bundle, &between, last.offset - 512);
@@ -345,6 +351,46 @@ impl PipedImport {
         );
         serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("a JSON summary")
     }
+}
+
+/// `regcache import` of `bundle` fed through a named pipe, so it is read as a stream
+/// (entry by entry, hashed on the way) rather than copied from the file; it must fail.
+/// Returns its stderr.
+async fn import_streamed(site: &Site, bundle: &Path) -> String {
+    let fifo = site.path("stream");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let child = tokio::process::Command::new(BIN)
+        .args(["import", "--config", site.config_arg()])
+        .arg(&fifo)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning regcache import");
+    let bytes = std::fs::read(bundle).unwrap();
+    let writer = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || {
+            use std::io::Write as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&fifo)
+                .expect("open fifo");
+            // The import may stop reading at the corrupt entry.
+            let _ = f.write_all(&bytes);
+        }
+    });
+    let out = tokio::time::timeout(DEADLINE, child.wait_with_output())
+        .await
+        .expect("the import ends")
+        .unwrap();
+    writer.join().unwrap();
+    std::fs::remove_file(&fifo).unwrap();
+    assert!(!out.status.success(), "the streamed import should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// The blobs a bundle carries before its last large one (those an import paused in that

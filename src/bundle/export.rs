@@ -261,8 +261,8 @@ impl Writer {
             });
         }
         let file = tar.end()?;
-        // The bundle is carried away from here: it must be on disk, not in the page cache.
-        file.sync_all().map_err(io_err(part))?;
+        // Not fsynced (tar and skopeo do not either; on a busy disk it was most of the
+        // export's time): a bundle a crash damaged is refused on import, naming the entry.
         Ok(file.metadata().map_err(io_err(part))?.len())
     }
 

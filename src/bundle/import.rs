@@ -8,7 +8,7 @@
 
 use super::layout::{entry_kind, looks_like_manifest, EntryKind, LayoutIndex, RawDigest, INDEX_MAX_BYTES};
 use super::link::{self, Linker};
-use super::source::{self, Counter, Entry};
+use super::source::{self, Counter, Entry, Origin};
 use super::{imports_dir, io_err, BlobAction, BundleError, Event, Progress};
 use crate::config::Config;
 use crate::metadata::{now_secs, Held, Metadata};
@@ -17,7 +17,7 @@ use crate::storage::BlobStore;
 use crate::upstream::Upstreams;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -327,7 +327,7 @@ impl Reader {
             }
             EntryKind::Blob(digest) => {
                 let path = e.path.to_owned();
-                self.blob(&path, digest, e.size, e.reader)?;
+                self.blob(&path, digest, e.size, e.reader, e.origin)?;
                 self.tick();
                 Ok(())
             }
@@ -367,6 +367,7 @@ impl Reader {
         digest: RawDigest,
         size: u64,
         r: &mut dyn Read,
+        origin: Option<Origin<'_>>,
     ) -> Result<(), BundleError> {
         if self.held.contains(&digest) || self.spooled.contains_key(&digest) {
             return Ok(()); // the same blob twice in one archive
@@ -390,13 +391,22 @@ impl Reader {
             return self.commit(entry, &digest, &tmp, size);
         }
         if self.reuse(entry, &digest)? {
-            // Read past it (the stream must be read in order), without hashing.
-            std::io::copy(r, &mut std::io::sink())
-                .map_err(|err| self.entry_err(entry, format!("cannot be read: {err}")))?;
+            match origin {
+                // Not read: the archive skips it by seeking.
+                Some(_) => self.progress.advance(size),
+                // A stream is read in order: read past it, without hashing.
+                None => {
+                    std::io::copy(r, &mut std::io::sink())
+                        .map_err(|err| self.entry_err(entry, format!("cannot be read: {err}")))?;
+                }
+            }
             return Ok(());
         }
         let tmp = self.work.join(format!("{}.part", ulid::Ulid::new()));
-        let written = self.write_hashed(entry, &digest, size, r, &tmp);
+        let written = match origin {
+            Some(o) => self.copy_hashed(entry, &digest, size, o, &tmp),
+            None => self.write_hashed(entry, &digest, size, r, &tmp),
+        };
         match written {
             Ok(()) => self.commit(entry, &digest, &tmp, size),
             Err(e) => {
@@ -506,6 +516,31 @@ impl Reader {
         self.verify(entry, digest, hasher.finish())
     }
 
+    /// Copies the entry's bytes from the file they lie in to `tmp` by the kernel
+    /// (`copy_file_range`: no copy through this process), then hashes `tmp`, this
+    /// process's own file, so what is verified is exactly what gets committed whatever
+    /// happens to the bundle meanwhile.
+    fn copy_hashed(
+        &mut self,
+        entry: &str,
+        digest: &RawDigest,
+        size: u64,
+        origin: Origin<'_>,
+        tmp: &Path,
+    ) -> Result<(), BundleError> {
+        let mut src = std::fs::File::open(origin.file).map_err(io_err(origin.file))?;
+        src.seek(std::io::SeekFrom::Start(origin.offset))
+            .map_err(io_err(origin.file))?;
+        let mut file = std::fs::File::create_new(tmp).map_err(io_err(tmp))?;
+        let copied = std::io::copy(&mut src.take(size), &mut file).map_err(io_err(tmp))?;
+        if copied != size {
+            return Err(self.truncated(entry, size, copied));
+        }
+        self.progress.advance(size);
+        let actual = hash_file(&file, size).map_err(io_err(tmp))?;
+        self.verify(entry, digest, actual)
+    }
+
     fn verify(
         &self,
         entry: &str,
@@ -590,4 +625,30 @@ pub(super) async fn commit_file(
         return Err(e);
     }
     Ok(true)
+}
+
+/// Bytes of a work file mapped at once to hash it: large enough that mapping costs
+/// nothing per byte, small enough that the mapped pages (which count in RSS) stay few.
+const HASH_WINDOW_BYTES: u64 = 8 * 1024 * 1024;
+
+/// The sha256 of the first `size` bytes of `file`, read as memory-mapped windows (the page
+/// cache's pages, without copying them into a buffer first).
+fn hash_file(file: &std::fs::File, size: u64) -> std::io::Result<crate::oci::Digest> {
+    let mut hasher = Sha256Writer::default();
+    let mut at = 0;
+    while at < size {
+        let len = usize::try_from((size - at).min(HASH_WINDOW_BYTES)).map_err(std::io::Error::other)?;
+        // SAFETY: `file` is this import's own work file in its work directory, written
+        // completely above and changed by nothing else, and `size` is within its length.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(at)
+                .len(len)
+                .populate()
+                .map(file)?
+        };
+        hasher.update(&map);
+        at += len as u64;
+    }
+    Ok(hasher.finish())
 }

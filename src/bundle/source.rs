@@ -6,7 +6,7 @@
 use super::layout::{BLOBS_DIR, INDEX_FILE, OCI_LAYOUT_FILE};
 use super::{io_err, BundleError};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,6 +29,17 @@ pub(crate) struct Entry<'a> {
     /// A link or other special file: not content.
     pub(crate) is_special: bool,
     pub(crate) reader: &'a mut dyn Read,
+    /// Where the entry's bytes lie in a regular file, when they do (a plain tar file, or
+    /// a file of a layout directory): the caller may copy them from there instead of
+    /// reading them through `reader`, which then skips them without reading.
+    pub(crate) origin: Option<Origin<'a>>,
+}
+
+/// A stretch of a regular file.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Origin<'a> {
+    pub(crate) file: &'a Path,
+    pub(crate) offset: u64,
 }
 
 /// Counts the bytes read from the bundle's files (compressed bytes for `.tar.zst`).
@@ -51,6 +62,12 @@ impl<R: Read> Read for Counted<R> {
         let n = self.inner.read(buf)?;
         self.counter.0.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
+    }
+}
+
+impl<R: Seek> Seek for Counted<R> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
     }
 }
 
@@ -110,24 +127,39 @@ pub(crate) fn for_each_entry(
         decoder
             .window_log_max(ZSTD_WINDOW_LOG_MAX)
             .map_err(io_err(path))?;
-        walk_tar(path, decoder, visit)
+        let mut archive = tar::Archive::new(decoder);
+        let entries = archive.entries().map_err(|e| tar_err(path, "(start)", e))?;
+        walk_tar(path, entries, None, visit)
+    } else if meta.is_file() {
+        // A plain tar in a regular file: entries' bytes can be copied from it directly,
+        // and whatever is not read is skipped by seeking.
+        let mut archive = tar::Archive::new(reader);
+        let entries = archive
+            .entries_with_seek()
+            .map_err(|e| tar_err(path, "(start)", e))?;
+        walk_tar(path, entries, Some(path), visit)
     } else {
-        walk_tar(path, reader, visit)
+        let mut archive = tar::Archive::new(reader);
+        let entries = archive.entries().map_err(|e| tar_err(path, "(start)", e))?;
+        walk_tar(path, entries, None, visit)
+    }
+}
+
+fn tar_err(bundle: &Path, last: &str, e: std::io::Error) -> BundleError {
+    BundleError::Bundle {
+        bundle: bundle.display().to_string(),
+        message: format!("is not a readable tar archive after entry {last}: {e}"),
     }
 }
 
 fn walk_tar<R: Read>(
     bundle: &Path,
-    reader: R,
+    entries: tar::Entries<'_, R>,
+    file: Option<&Path>,
     visit: &mut dyn FnMut(Entry<'_>) -> Result<(), BundleError>,
 ) -> Result<(), BundleError> {
-    let mut archive = tar::Archive::new(reader);
     let mut last = String::from("(start of the archive)");
-    let tar_err = |last: &str, e: std::io::Error| BundleError::Bundle {
-        bundle: bundle.display().to_string(),
-        message: format!("is not a readable tar archive after entry {last}: {e}"),
-    };
-    let entries = archive.entries().map_err(|e| tar_err(&last, e))?;
+    let tar_err = |last: &str, e: std::io::Error| tar_err(bundle, last, e);
     for entry in entries {
         let mut entry = entry.map_err(|e| tar_err(&last, e))?;
         let path = entry
@@ -137,6 +169,7 @@ fn walk_tar<R: Read>(
             .into_owned();
         let kind = entry.header().entry_type();
         let size = entry.size();
+        let offset = entry.raw_file_position();
         last.clone_from(&path);
         visit(Entry {
             path: &path,
@@ -144,6 +177,10 @@ fn walk_tar<R: Read>(
             is_dir: kind.is_dir(),
             is_special: !(kind.is_file() || kind.is_dir() || kind == tar::EntryType::Continuous),
             reader: &mut entry,
+            // Regular files only: their bytes are one stretch of the archive.
+            origin: file
+                .filter(|_| kind.is_file())
+                .map(|file| Origin { file, offset }),
         })?;
     }
     Ok(())
@@ -211,5 +248,9 @@ fn visit_file(
         is_dir: meta.is_dir(),
         is_special: !meta.is_file() && !meta.is_dir(),
         reader: &mut reader,
+        origin: meta.is_file().then_some(Origin {
+            file: path,
+            offset: 0,
+        }),
     })
 }
