@@ -17,7 +17,9 @@
 #     committed, every image linked; no fsync, the default `storage.fsync = false`)
 #     against `tar -xf bundle.tar` into an empty directory;
 #   - `skopeo sync --src docker --dest dir` of the three repositories from the upstream
-#     into an empty directory, the way such a bundle is made without regcache.
+#     into an empty directory, the way such a bundle is made without regcache; and, for
+#     information, `skopeo sync --src dir --dest docker` of that directory into an empty
+#     docker-registry, the way it is loaded at the other end.
 # Peak RSS (GNU time: the kernel's high-water mark of the process) of export and import for the fixture set
 # alone and with the 1 GiB image shows memory does not grow with the bundle. One `.tar.zst`
 # export and import are timed for information (no target).
@@ -99,10 +101,12 @@ LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/regcache-bench-bundle.XXXXXX")
 log "work dir $WORK (load average $LOAD_AT_START)"
 
-# ----- the upstream, seeded -------------------------------------------------------------
-UP_PORT=$(python3 "$HELPER" free-port)
-mkdir -p "$WORK/registry"
-cat >"$WORK/registry/config.yml" <<EOF
+# ----- registries -----------------------------------------------------------------------
+start_registry() { # NAME -> sets REG_PORT, REG_PID; storage in $WORK/NAME/storage
+  local dir="$WORK/$1"
+  mkdir -p "$dir"
+  REG_PORT=$(python3 "$HELPER" free-port)
+  cat >"$dir/config.yml" <<EOF
 version: 0.1
 log:
   level: warn
@@ -110,18 +114,22 @@ log:
     disabled: true
 storage:
   filesystem:
-    rootdirectory: $WORK/registry/storage
+    rootdirectory: $dir/storage
   delete:
     enabled: true
 http:
-  addr: 127.0.0.1:$UP_PORT
+  addr: 127.0.0.1:$REG_PORT
   secret: regcache-bench-not-a-secret
 EOF
-docker-registry serve "$WORK/registry/config.yml" >"$WORK/registry/log" 2>&1 </dev/null &
-UP_PID=$!
-PIDS+=("$UP_PID")
-wait_ready "http://127.0.0.1:$UP_PORT/v2/" "$UP_PID" "$WORK/registry/log" || die "docker-registry did not start"
-UP="127.0.0.1:$UP_PORT"
+  docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 </dev/null &
+  REG_PID=$!
+  PIDS+=("$REG_PID")
+  wait_ready "http://127.0.0.1:$REG_PORT/v2/" "$REG_PID" "$dir/log" || die "docker-registry ($1) did not start"
+}
+
+# The upstream, seeded.
+start_registry registry
+UP="127.0.0.1:$REG_PORT"
 
 log "seeding: the fixture set and a $BIG_MIB MiB image"
 python3 "$BHELPER" seed-big "$WORK/seed-big" "$BIG_MIB"
@@ -191,7 +199,11 @@ for ((round = 1; round <= ROUNDS; round++)); do
 
   rm -rf "$WORK/sync"
   measure skopeo-sync sh -c "for r in multi single big; do skopeo --insecure-policy sync --all --src docker --dest dir --src-tls-verify=false '$UP/bench/'\$r '$WORK/sync' || exit 1; done"
-  rm -rf "$WORK/sync"
+  # The other half of a skopeo workflow across a gap: that directory into an empty registry.
+  start_registry "push-$round"
+  measure skopeo-push skopeo --insecure-policy sync --all --src dir --dest docker --dest-tls-verify=false "$WORK/sync" "127.0.0.1:$REG_PORT/bench"
+  stop_pid "$REG_PID"
+  rm -rf "$WORK/sync" "$WORK/push-$round"
 done
 BUNDLE_BYTES=$(stat -c %s "$BUNDLE")
 
@@ -222,6 +234,7 @@ print(f"\nbundle: {mib:.0f} MiB (.tar.zst: {int(zst_bytes) / 2**20:.0f} MiB); "
 print(f"{'':34}{'seconds':>9}{'MiB/s':>9}{'peak RSS':>11}")
 for k, label in [("export", "regcache export"), ("tar-c", "tar -cf"),
                  ("import", "regcache import"), ("tar-x", "tar -xf"), ("skopeo-sync", "skopeo sync (3 repos) to dir"),
+                 ("skopeo-push", "skopeo sync dir to registry"),
                  ("export-zst", "regcache export .tar.zst"), ("import-zst", "regcache import .tar.zst"),
                  ("export-small", "regcache export, fixture set only"), ("import-small", "regcache import, fixture set only")]:
     if k in med:
@@ -232,7 +245,8 @@ checks = [
     (f"export vs tar -cf: {med['tar-c'] / e:.2f}x", med["tar-c"] / e >= 0.5),
     (f"import vs tar -xf: {med['tar-x'] / i:.2f}x", med["tar-x"] / i >= 0.5),
     (f"export vs skopeo sync: {med['skopeo-sync'] / e:.1f}x faster", med["skopeo-sync"] / e >= 3),
-    (f"import vs skopeo sync: {med['skopeo-sync'] / i:.1f}x faster", med["skopeo-sync"] / i >= 3),
+    (f"import vs skopeo sync: {med['skopeo-sync'] / i:.1f}x faster (vs skopeo sync dir to registry, "
+     f"the import side of a skopeo workflow: {med['skopeo-push'] / i:.1f}x)", med["skopeo-sync"] / i >= 3),
     (f"peak RSS: export {rss['export'] / 1024:.1f} MiB, import {rss['import'] / 1024:.1f} MiB "
      f"(fixture set only: {rss['export-small'] / 1024:.1f} / {rss['import-small'] / 1024:.1f} MiB; "
      f".tar.zst: {rss['export-zst'] / 1024:.1f} / {rss['import-zst'] / 1024:.1f} MiB)",

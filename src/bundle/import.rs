@@ -517,9 +517,10 @@ impl Reader {
     }
 
     /// Copies the entry's bytes from the file they lie in to `tmp` by the kernel
-    /// (`copy_file_range`: no copy through this process), then hashes `tmp`, this
-    /// process's own file, so what is verified is exactly what gets committed whatever
-    /// happens to the bundle meanwhile.
+    /// (`copy_file_range`: no copy through this process) on a second thread, while this
+    /// one hashes what has been copied so far. Hashing `tmp`, this process's own file,
+    /// keeps what is verified exactly what gets committed whatever happens to the bundle
+    /// meanwhile.
     fn copy_hashed(
         &mut self,
         entry: &str,
@@ -531,14 +532,45 @@ impl Reader {
         let mut src = std::fs::File::open(origin.file).map_err(io_err(origin.file))?;
         src.seek(std::io::SeekFrom::Start(origin.offset))
             .map_err(io_err(origin.file))?;
-        let mut file = std::fs::File::create_new(tmp).map_err(io_err(tmp))?;
-        let copied = std::io::copy(&mut src.take(size), &mut file).map_err(io_err(tmp))?;
-        if copied != size {
+        let mut dst = std::fs::File::create_new(tmp).map_err(io_err(tmp))?;
+        let reader = dst.try_clone().map_err(io_err(tmp))?;
+        let (progress_tx, progress_rx) = std::sync::mpsc::channel::<u64>();
+        let (copied, hashed) = std::thread::scope(|s| {
+            let copier = s.spawn(move || -> std::io::Result<u64> {
+                let mut total = 0;
+                while total < size {
+                    let step = (size - total).min(COPY_STEP_BYTES);
+                    let n = std::io::copy(&mut (&mut src).take(step), &mut dst)?;
+                    total += n;
+                    if n < step || progress_tx.send(total).is_err() {
+                        break;
+                    }
+                }
+                Ok(total)
+            });
+            let mut hasher = Sha256Writer::default();
+            let mut hashed = 0;
+            for copied in progress_rx {
+                while hashed < copied {
+                    let len = (copied - hashed).min(HASH_WINDOW_BYTES);
+                    match hash_window(&reader, hashed, len, &mut hasher) {
+                        Ok(()) => hashed += len,
+                        Err(e) => return (copier.join(), Err(e)),
+                    }
+                    self.progress.advance(len);
+                }
+            }
+            (copier.join(), Ok((hasher, hashed)))
+        });
+        let copied = match copied {
+            Ok(r) => r.map_err(io_err(tmp))?,
+            Err(_) => return Err(BundleError::Task("the blob copying thread panicked".into())),
+        };
+        let (hasher, hashed) = hashed.map_err(io_err(tmp))?;
+        if copied != size || hashed != size {
             return Err(self.truncated(entry, size, copied));
         }
-        self.progress.advance(size);
-        let actual = hash_file(&file, size).map_err(io_err(tmp))?;
-        self.verify(entry, digest, actual)
+        self.verify(entry, digest, hasher.finish())
     }
 
     fn verify(
@@ -627,28 +659,30 @@ pub(super) async fn commit_file(
     Ok(true)
 }
 
+/// Bytes copied per step from the bundle to a work file; after each, the copied part is
+/// hashed on the other thread.
+const COPY_STEP_BYTES: u64 = 16 * 1024 * 1024;
 /// Bytes of a work file mapped at once to hash it: large enough that mapping costs
 /// nothing per byte, small enough that the mapped pages (which count in RSS) stay few.
 const HASH_WINDOW_BYTES: u64 = 8 * 1024 * 1024;
 
-/// The sha256 of the first `size` bytes of `file`, read as memory-mapped windows (the page
-/// cache's pages, without copying them into a buffer first).
-fn hash_file(file: &std::fs::File, size: u64) -> std::io::Result<crate::oci::Digest> {
-    let mut hasher = Sha256Writer::default();
-    let mut at = 0;
-    while at < size {
-        let len = usize::try_from((size - at).min(HASH_WINDOW_BYTES)).map_err(std::io::Error::other)?;
-        // SAFETY: `file` is this import's own work file in its work directory, written
-        // completely above and changed by nothing else, and `size` is within its length.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(at)
-                .len(len)
-                .populate()
-                .map(file)?
-        };
-        hasher.update(&map);
-        at += len as u64;
-    }
-    Ok(hasher.finish())
+/// Hashes `len` bytes of `file` from `offset`, mapped (the page cache's pages, not a copy).
+fn hash_window(
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+    hasher: &mut Sha256Writer,
+) -> std::io::Result<()> {
+    let len = usize::try_from(len).map_err(std::io::Error::other)?;
+    // SAFETY: `file` is this import's own work file in its work directory, changed by
+    // nothing but the copy that wrote these bytes before it reported them.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(offset)
+            .len(len)
+            .populate()
+            .map(file)?
+    };
+    hasher.update(&map);
+    Ok(())
 }
