@@ -5,17 +5,20 @@
 //! blob it needs is in (one transaction per image). Sits beside `cache`: calls `metadata`,
 //! `storage` and `upstream` routing, never HTTP.
 
+mod abandon;
 mod digest_list;
 mod export;
 mod import;
+mod intake;
 mod layout;
 mod link;
 mod plan;
 mod source;
 
+pub use abandon::abandon_stale_imports;
 pub use digest_list::digest_list_path;
 pub use export::{export, ExportOptions, ExportReport};
-pub use import::{abandon_stale_imports, import, ImportOptions, ImportReport};
+pub use import::{import, ImportOptions, ImportReport};
 pub use plan::ExportSelection;
 
 use crate::metadata::MetadataError;

@@ -6,38 +6,24 @@
 //! content the cache had) is held, not written again. Once the whole bundle is read,
 //! `link` links every image whose content is complete, or none.
 
+use super::abandon::{abandon_stale_imports, Heartbeat};
+use super::intake::{self, commit_file, IntakeError};
 use super::layout::{entry_kind, looks_like_manifest, EntryKind, LayoutIndex, RawDigest, INDEX_MAX_BYTES};
 use super::link::{self, Linker};
 use super::source::{self, Counter, Entry, Origin};
 use super::{imports_dir, io_err, BlobAction, BundleError, Event, Progress};
 use crate::config::Config;
 use crate::metadata::{now_secs, Held, Metadata};
-use crate::oci::{Sha256Writer, MANIFEST_MAX_BYTES};
+use crate::oci::MANIFEST_MAX_BYTES;
 use crate::storage::BlobStore;
 use crate::upstream::Upstreams;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Seek, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::runtime::Handle;
 
-/// Bytes read, hashed and written per step when streaming a blob to its work file.
-const CHUNK_BYTES: usize = 1024 * 1024;
-/// Chunks in flight between the reading thread and the writing one: enough that neither
-/// waits for the other; 3 MiB of memory.
-const BUFFERS: usize = 3;
-/// How often a running import says it is alive (see `STALE_AFTER_SECS`).
-const HEARTBEAT: Duration = Duration::from_secs(30);
-/// An import not heard from for this long (20 missed heartbeats), or for
-/// `storage.reconcile_grace` if longer, is abandoned: its holds go and what only it held
-/// is queued for deletion. Long enough that a rerun after an interruption still finds
-/// its blobs; reconciliation and every import check for abandoned ones.
-pub(crate) const STALE_AFTER_SECS: i64 = 600;
-/// The work directory of an import not heard from for this long (4 missed heartbeats) is
-/// removed: its process is gone, and a partial blob file in it may be large.
-pub(crate) const WORK_DIR_STALE_SECS: i64 = 120;
 /// `oci-layout` is a tiny JSON file.
 const LAYOUT_FILE_MAX_BYTES: u64 = 4096;
 
@@ -182,73 +168,6 @@ async fn link_all(reader: Reader) -> Result<ImportReport, BundleError> {
     report.images = linked.images;
     report.children_absent = linked.children_absent;
     Ok(report)
-}
-
-/// Abandons imports not heard from for `max(grace_secs, STALE_AFTER_SECS)` (their holds
-/// go; what only they held is queued for deletion) and removes work directories of
-/// imports no longer running. Returns (imports abandoned, blobs queued, dirs removed);
-/// with `dry_run`, changes nothing and counts only the directories.
-pub async fn abandon_stale_imports(
-    meta: &Metadata,
-    data_dir: &Path,
-    grace_secs: i64,
-    dry_run: bool,
-) -> Result<(u64, u64, u64), BundleError> {
-    let now = now_secs();
-    let (imports, queued) = if dry_run {
-        (0, 0)
-    } else {
-        let cutoff = now.saturating_sub(grace_secs.max(STALE_AFTER_SECS));
-        let r = meta.abandon_stale_imports(cutoff, now).await?;
-        (r.imports, r.blobs_queued)
-    };
-    // Listed before the imports on record are read: an import records itself before it
-    // creates its directory, so every directory listed here has its row by then.
-    let dir = imports_dir(data_dir);
-    let entries: Vec<std::fs::DirEntry> = match std::fs::read_dir(&dir) {
-        Ok(d) => d.flatten().collect(),
-        Err(_) => return Ok((imports, queued, 0)),
-    };
-    let running: HashMap<i64, i64> = meta.imports_on_record().await?.into_iter().collect();
-    let mut removed = 0;
-    for e in entries {
-        let alive = e
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i64>().ok())
-            .and_then(|id| running.get(&id))
-            .is_some_and(|beat| now - beat < WORK_DIR_STALE_SECS);
-        if !alive && (dry_run || std::fs::remove_dir_all(e.path()).is_ok()) {
-            removed += 1;
-        }
-    }
-    Ok((imports, queued, removed))
-}
-
-/// Beats every `HEARTBEAT` while the import runs; stops when dropped.
-struct Heartbeat(tokio::task::JoinHandle<()>);
-
-impl Heartbeat {
-    fn start(meta: Metadata, import: i64) -> Self {
-        Self(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HEARTBEAT);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                match meta.import_heartbeat(import, now_secs()).await {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(e) => tracing::warn!(import.id = import, error = %e, "import heartbeat failed"),
-                }
-            }
-        }))
-    }
-}
-
-impl Drop for Heartbeat {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// The reading side, on a blocking thread; async calls go through `rt`.
@@ -403,11 +322,30 @@ impl Reader {
             return Ok(());
         }
         let tmp = self.work.join(format!("{}.part", ulid::Ulid::new()));
-        let written = match origin {
-            Some(o) => self.copy_hashed(entry, &digest, size, o, &tmp),
-            None => self.write_hashed(entry, &digest, size, r, &tmp),
+        let hashed = match origin {
+            Some(o) => {
+                let progress = &self.progress;
+                intake::copy_into(o, size, &tmp, &mut |n| progress.advance(n))
+            }
+            None => {
+                // Progress is the bytes read from the bundle (compressed, for .tar.zst).
+                let (pool, progress, counter, reported) =
+                    (&mut self.pool, &self.progress, &self.counter, &mut self.reported);
+                intake::stream_into(r, size, &tmp, pool, &mut || {
+                    let now = counter.get();
+                    progress.advance(now.saturating_sub(*reported));
+                    *reported = now.max(*reported);
+                })
+            }
         };
-        match written {
+        let verified = match hashed {
+            Ok(actual) => self.verify(entry, &digest, actual),
+            Err(IntakeError::Truncated { got }) => Err(self.truncated(entry, size, got)),
+            Err(IntakeError::Read(e)) => Err(self.entry_err(entry, format!("cannot be read: {e}"))),
+            Err(IntakeError::Write(e)) => Err(io_err(&tmp)(e)),
+            Err(IntakeError::Thread) => Err(BundleError::Task("a blob copying thread panicked".into())),
+        };
+        match verified {
             Ok(()) => self.commit(entry, &digest, &tmp, size),
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
@@ -436,141 +374,6 @@ impl Reader {
                 "the cache is deleting this blob right now; run the import again in a minute",
             )),
         }
-    }
-
-    /// Streams `size` bytes of `r` into `tmp`, hashing them; the content must hash to
-    /// `digest`. Reading and hashing (this thread) overlap writing (a second one), so a
-    /// blob goes in at about the speed of the slower of the two rather than their sum.
-    fn write_hashed(
-        &mut self,
-        entry: &str,
-        digest: &RawDigest,
-        size: u64,
-        r: &mut dyn Read,
-        tmp: &Path,
-    ) -> Result<(), BundleError> {
-        let file = std::fs::File::create_new(tmp).map_err(io_err(tmp))?;
-        let mut hasher = Sha256Writer::default();
-        let mut got: u64 = 0;
-        let mut pool = std::mem::take(&mut self.pool);
-        while pool.len() < BUFFERS {
-            pool.push(Vec::new());
-        }
-        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(BUFFERS);
-        let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(BUFFERS);
-        let (read, written) = std::thread::scope(|s| {
-            let writer = s.spawn(move || -> std::io::Result<()> {
-                let mut file = file;
-                for chunk in full_rx {
-                    file.write_all(&chunk)?;
-                    // Never blocks: there are only BUFFERS buffers.
-                    let _ = empty_tx.send(chunk);
-                }
-                Ok(())
-            });
-            let read = loop {
-                if got == size {
-                    break Ok(());
-                }
-                let mut buf = match pool.pop() {
-                    Some(b) => b,
-                    None => match empty_rx.recv() {
-                        Ok(b) => b,
-                        // The writer stopped on an error, reported below.
-                        Err(_) => break Ok(()),
-                    },
-                };
-                buf.resize(CHUNK_BYTES, 0);
-                let want = usize::try_from((size - got).min(CHUNK_BYTES as u64)).unwrap_or(CHUNK_BYTES);
-                let n = match r.read(&mut buf[..want]) {
-                    Ok(0) => break Err(self.truncated(entry, size, got)),
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-                        pool.push(buf);
-                        continue;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                        break Err(self.truncated(entry, size, got))
-                    }
-                    Err(e) => break Err(self.entry_err(entry, format!("cannot be read: {e}"))),
-                };
-                buf.truncate(n);
-                hasher.update(&buf);
-                got += n as u64;
-                if full_tx.send(buf).is_err() {
-                    break Ok(()); // the writer stopped on an error, reported below
-                }
-                self.tick();
-            };
-            drop(full_tx);
-            (read, writer.join())
-        });
-        pool.extend(empty_rx.try_iter());
-        self.pool = pool;
-        read?;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(io_err(tmp)(e)),
-            Err(_) => return Err(BundleError::Task("the blob writer thread panicked".into())),
-        }
-        self.verify(entry, digest, hasher.finish())
-    }
-
-    /// Copies the entry's bytes from the file they lie in to `tmp` by the kernel
-    /// (`copy_file_range`: no copy through this process) on a second thread, while this
-    /// one hashes what has been copied so far. Hashing `tmp`, this process's own file,
-    /// keeps what is verified exactly what gets committed whatever happens to the bundle
-    /// meanwhile.
-    fn copy_hashed(
-        &mut self,
-        entry: &str,
-        digest: &RawDigest,
-        size: u64,
-        origin: Origin<'_>,
-        tmp: &Path,
-    ) -> Result<(), BundleError> {
-        let mut src = std::fs::File::open(origin.file).map_err(io_err(origin.file))?;
-        src.seek(std::io::SeekFrom::Start(origin.offset))
-            .map_err(io_err(origin.file))?;
-        let mut dst = std::fs::File::create_new(tmp).map_err(io_err(tmp))?;
-        let reader = dst.try_clone().map_err(io_err(tmp))?;
-        let (progress_tx, progress_rx) = std::sync::mpsc::channel::<u64>();
-        let (copied, hashed) = std::thread::scope(|s| {
-            let copier = s.spawn(move || -> std::io::Result<u64> {
-                let mut total = 0;
-                while total < size {
-                    let step = (size - total).min(COPY_STEP_BYTES);
-                    let n = std::io::copy(&mut (&mut src).take(step), &mut dst)?;
-                    total += n;
-                    if n < step || progress_tx.send(total).is_err() {
-                        break;
-                    }
-                }
-                Ok(total)
-            });
-            let mut hasher = Sha256Writer::default();
-            let mut hashed = 0;
-            for copied in progress_rx {
-                while hashed < copied {
-                    let len = (copied - hashed).min(HASH_WINDOW_BYTES);
-                    match hash_window(&reader, hashed, len, &mut hasher) {
-                        Ok(()) => hashed += len,
-                        Err(e) => return (copier.join(), Err(e)),
-                    }
-                    self.progress.advance(len);
-                }
-            }
-            (copier.join(), Ok((hasher, hashed)))
-        });
-        let copied = match copied {
-            Ok(r) => r.map_err(io_err(tmp))?,
-            Err(_) => return Err(BundleError::Task("the blob copying thread panicked".into())),
-        };
-        let (hasher, hashed) = hashed.map_err(io_err(tmp))?;
-        if copied != size || hashed != size {
-            return Err(self.truncated(entry, size, copied));
-        }
-        self.verify(entry, digest, hasher.finish())
     }
 
     fn verify(
@@ -619,70 +422,4 @@ impl Reader {
             action,
         });
     }
-}
-
-/// I2's write order for a verified work file: write intent → final key (a rename on the
-/// filesystem, an upload elsewhere) → the row, held for `import`. `false` when the digest
-/// is being deleted right now and cannot be written.
-pub(super) async fn commit_file(
-    meta: &Metadata,
-    store: &BlobStore,
-    import: i64,
-    digest: &RawDigest,
-    tmp: &Path,
-    size: u64,
-) -> Result<bool, BundleError> {
-    let d = digest.digest();
-    let ds = d.to_string();
-    let Some(intent) = meta.begin_write(&ds, now_secs()).await? else {
-        return Ok(false);
-    };
-    let written = async {
-        // A multipart upload is on record before its first part is sent (I2).
-        let upload = store.open_upload(&d, size).await?;
-        if let Some(u) = &upload {
-            if let Err(e) = meta.record_upload(intent, u.clone()).await {
-                let _ = store.abort_upload(u).await;
-                return Err(e.into());
-            }
-        }
-        store.put_file(&d, tmp, size, upload.as_ref()).await?;
-        meta.commit_imported_blob(import, &ds, size, intent, now_secs())
-            .await?;
-        Ok::<_, BundleError>(())
-    }
-    .await;
-    if let Err(e) = written {
-        let _ = meta.abandon_write(intent).await;
-        return Err(e);
-    }
-    Ok(true)
-}
-
-/// Bytes copied per step from the bundle to a work file; after each, the copied part is
-/// hashed on the other thread.
-const COPY_STEP_BYTES: u64 = 16 * 1024 * 1024;
-/// Bytes of a work file mapped at once to hash it: large enough that mapping costs
-/// nothing per byte, small enough that the mapped pages (which count in RSS) stay few.
-const HASH_WINDOW_BYTES: u64 = 8 * 1024 * 1024;
-
-/// Hashes `len` bytes of `file` from `offset`, mapped (the page cache's pages, not a copy).
-fn hash_window(
-    file: &std::fs::File,
-    offset: u64,
-    len: u64,
-    hasher: &mut Sha256Writer,
-) -> std::io::Result<()> {
-    let len = usize::try_from(len).map_err(std::io::Error::other)?;
-    // SAFETY: `file` is this import's own work file in its work directory, changed by
-    // nothing but the copy that wrote these bytes before it reported them.
-    let map = unsafe {
-        memmap2::MmapOptions::new()
-            .offset(offset)
-            .len(len)
-            .populate()
-            .map(file)?
-    };
-    hasher.update(&map);
-    Ok(())
 }

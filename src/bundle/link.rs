@@ -3,7 +3,7 @@
 //! manifests come from the bundle or the cache, and every blob they name must be stored.
 //! Only when every image is complete is any linked, each in one transaction (I5, I11).
 
-use super::import::commit_file;
+use super::intake::commit_file;
 use super::layout::{
     descriptor_name, referrer_descriptor, ImageName, LayoutIndex, Pointer, RawDigest, DELTA_OF,
 };
