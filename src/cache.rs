@@ -2,8 +2,10 @@
 //! from storage, what is fetched (once per digest, however many ask), what is revalidated,
 //! and records it all in metadata. Calls `metadata`, `storage` and `upstream`; never HTTP.
 
+mod active;
 mod blobs;
 mod error;
+mod fill;
 mod listing;
 mod manifests;
 mod single_flight;
@@ -13,11 +15,12 @@ mod uses;
 pub use crate::config::{Config, Duration};
 use crate::metadata::{Metadata, RepoKey};
 use crate::oci::{Digest, RepoName};
-use crate::scheduler::ActiveBlobs;
 use crate::storage::BlobStore;
 use crate::upstream::{RouteError, Upstream, Upstreams};
+pub use active::{ActiveBlobs, ActiveGuard};
 pub use blobs::{BlobResponse, ByteRange};
-pub use error::CacheError;
+pub use error::{new_error_id, panic_message, CacheError};
+pub use fill::BlobFill;
 use single_flight::SingleFlight;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -81,9 +84,12 @@ pub struct Cache {
     /// Blob downloads in progress, one per (repository, digest).
     transfers: Mutex<HashMap<TransferKey, watch::Receiver<transfer::State>>>,
     /// Tag revalidation HEADs in progress: concurrent requests share one.
-    revalidations: SingleFlight<(RepoKey, String), Result<Option<String>, CacheError>>,
+    revalidations: SingleFlight<(RepoKey, String), Option<String>>,
     /// Manifest fetches in progress.
-    manifest_fetches: SingleFlight<(RepoKey, String), Result<crate::metadata::ManifestRecord, CacheError>>,
+    manifest_fetches: SingleFlight<(RepoKey, String), crate::metadata::ManifestRecord>,
+    /// Upstream tag-list walks in progress: one per repository at a time (up to 100
+    /// pages each), however many clients list it.
+    tag_walks: SingleFlight<RepoKey, Arc<Vec<String>>>,
     /// When each tag was last confirmed upstream (memory only: after a restart every tag
     /// is revalidated once, which is the safe direction).
     checked: Mutex<HashMap<(RepoKey, String), Instant>>,
@@ -128,6 +134,7 @@ impl Cache {
             transfers: Mutex::default(),
             revalidations: SingleFlight::default(),
             manifest_fetches: SingleFlight::default(),
+            tag_walks: SingleFlight::default(),
             checked: Mutex::default(),
             uses,
             active,
@@ -142,6 +149,11 @@ impl Cache {
 
     pub fn store(&self) -> &BlobStore {
         &self.store
+    }
+
+    /// Whether this cache may contact upstreams (`proxy.offline = false`).
+    pub fn offline(&self) -> bool {
+        self.settings.offline
     }
 
     /// Routes a client's repository name (and containerd's `ns`) to an upstream.

@@ -3,15 +3,19 @@
 //! This module reads files named by the config (secrets) but starts nothing.
 
 mod duration;
+mod env;
+mod explain;
 mod load;
 mod secret;
 mod size;
 mod validate;
 
 pub use duration::Duration;
-pub use load::{load, ConfigError};
+pub use explain::KeyContext;
+pub use load::{load, load_report, ConfigError, Loaded, CONFIG_FILE_VAR};
 pub use secret::Secret;
 pub use size::ByteSize;
+pub use validate::check_data_dir;
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -37,6 +41,24 @@ pub struct Config {
     pub jobs: JobsConfig,
     #[serde(default)]
     pub cleanup: CleanupConfig,
+    /// Image lists the server prefetches on a cadence, as durable jobs.
+    #[serde(default)]
+    pub prefetch: Vec<PrefetchConfig>,
+}
+
+/// One image list the server fills the cache with on a cadence (`regcache prefetch`, run
+/// as a job).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchConfig {
+    /// Name used in job arguments and logs. Default `prefetch-<n>`.
+    #[serde(default)]
+    pub name: String,
+    /// The image list file (TOML, see README "Prefetch"). Read when the job runs.
+    pub list: PathBuf,
+    /// How often the list is prefetched; the first run is at start-up. Default `1d`.
+    #[serde(default = "default_cadence")]
+    pub cadence: Duration,
 }
 
 /// The admin API (`/api/v1/...`).
@@ -352,6 +374,11 @@ pub struct UpstreamConfig {
     pub password_file: Option<PathBuf>,
     /// Per-upstream override of `proxy.ttl`.
     pub ttl: Option<Duration>,
+    /// For an upstream that is itself a mirror honouring containerd's `ns` (another
+    /// regcache, say a regional cache): the registry to ask it for, sent as `?ns=<value>`
+    /// on every request to it (manifests, blobs, tags, referrers). `docker.io` also gives
+    /// Docker Hub's `library/` naming. Default: none.
+    pub ns: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

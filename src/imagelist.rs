@@ -131,6 +131,65 @@ impl std::str::FromStr for Platform {
     }
 }
 
+/// One image named on its own, `HOST/REPO:TAG` or `HOST/REPO@DIGEST` (what `regcache pin`
+/// takes); HOST resolves to an upstream by the same rule as a list's.
+#[derive(Debug, Clone)]
+pub struct ImageRef {
+    pub host: String,
+    pub repo: RepoName,
+    /// Exactly one of `tag` and `digest` is set.
+    pub tag: Option<Tag>,
+    pub digest: Option<Digest>,
+}
+
+impl std::str::FromStr for ImageRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, tag, digest) = split_reference(s)?;
+        let (host, repo) = host_and_repo(name)?;
+        let (tag, digest) = match (tag, digest) {
+            (Some(_), Some(_)) => return Err(format!("{s:?}: give a tag or a digest, not both")),
+            (None, None) => {
+                return Err(format!(
+                    "{s:?} names no image: write HOST/REPO:TAG or HOST/REPO@sha256:..."
+                ))
+            }
+            (Some(t), None) => (Some(t.parse::<Tag>().map_err(|e| e.to_string())?), None),
+            (None, Some(d)) => (None, Some(d.parse::<Digest>().map_err(|e| e.to_string())?)),
+        };
+        Ok(Self {
+            host,
+            repo,
+            tag,
+            digest,
+        })
+    }
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.host, self.repo)?;
+        match (&self.tag, &self.digest) {
+            (Some(t), _) => write!(f, ":{t}"),
+            (None, Some(d)) => write!(f, "@{d}"),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+/// `HOST/REPO` split and checked: HOST lowercased, REPO a valid repository name.
+fn host_and_repo(name: &str) -> Result<(String, RepoName), String> {
+    let (host, repo) = name
+        .split_once('/')
+        .ok_or_else(|| format!("{name:?} needs a registry: HOST/REPO, e.g. \"docker.io/library/alpine\""))?;
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '@') {
+        return Err(format!("{host:?} is not a registry host or upstream name"));
+    }
+    let repo: RepoName = repo.parse().map_err(|e| format!("{e}"))?;
+    Ok((host.to_ascii_lowercase(), repo))
+}
+
 impl ImageEntry {
     /// `HOST/REPO` as written.
     pub fn name(&self) -> String {
@@ -210,19 +269,7 @@ fn invalid(at: impl Into<String>, message: impl Into<String>) -> ImageListError 
 fn entry(i: usize, raw: RawEntry) -> Result<ImageEntry, ImageListError> {
     let at = |field: &str| format!("image[{i}].{field}");
     let (name, tag, digest) = split_reference(&raw.reference).map_err(|m| invalid(at("ref"), m))?;
-    let (host, repo) = name.split_once('/').ok_or_else(|| {
-        invalid(
-            at("ref"),
-            format!("{name:?} needs a registry: HOST/REPO, e.g. \"docker.io/library/alpine\""),
-        )
-    })?;
-    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '@') {
-        return Err(invalid(
-            at("ref"),
-            format!("{host:?} is not a registry host or upstream name"),
-        ));
-    }
-    let repo: RepoName = repo.parse().map_err(|e| invalid(at("ref"), format!("{e}")))?;
+    let (host, repo) = host_and_repo(name).map_err(|m| invalid(at("ref"), m))?;
     if raw.tags.len() > TAGS_MAX {
         return Err(invalid(
             at("tags"),
@@ -289,7 +336,7 @@ fn entry(i: usize, raw: RawEntry) -> Result<ImageEntry, ImageListError> {
         }
     }
     Ok(ImageEntry {
-        host: host.to_ascii_lowercase(),
+        host,
         repo,
         select: Selection {
             tags,
@@ -388,6 +435,46 @@ mod tests {
         assert!(e.contains("names no image") && e.contains("tags = [...]"), "{e}");
         assert!(err("[[image]]\nref = \"docker.io/a\"\ntag = \"1\"\n").contains("unknown field"));
         assert!(err("[[image]]\ntags = [\"1\"]\n").contains("missing field"));
+    }
+
+    #[test]
+    fn single_image_references_need_exactly_a_tag_or_a_digest() {
+        let d = format!("sha256:{}", "b".repeat(64));
+        let r: ImageRef = "Docker.io/library/alpine:3.20".parse().unwrap();
+        assert_eq!(
+            (r.host.as_str(), r.repo.as_str()),
+            ("docker.io", "library/alpine")
+        );
+        assert_eq!(r.to_string(), "docker.io/library/alpine:3.20");
+        let r: ImageRef = format!("127.0.0.1:5000/a/b@{d}").parse().unwrap();
+        assert_eq!(r.digest.unwrap().to_string(), d);
+        assert!(r.tag.is_none());
+        for bad in [
+            "alpine:3",
+            "docker.io/library/alpine",
+            "docker.io/a:-x",
+            "docker.io/a@sha256:zz",
+        ] {
+            assert!(bad.parse::<ImageRef>().is_err(), "{bad}");
+        }
+        assert!(format!("docker.io/a:t@{d}")
+            .parse::<ImageRef>()
+            .unwrap_err()
+            .contains("not both"));
+    }
+
+    #[test]
+    fn the_shipped_example_list_parses() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/images.example.toml"
+        ));
+        let list = load(path).unwrap();
+        assert_eq!(list.len(), 4);
+        assert!(list[0].pin && list[0].platforms.len() == 2);
+        assert_eq!(list[1].select.tags[0].as_str(), "1.36");
+        assert!(list[2].select.tag_regex.is_some());
+        assert!(list[3].select.digest.is_some());
     }
 
     #[test]

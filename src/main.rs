@@ -8,7 +8,7 @@ fn main() -> std::process::ExitCode {
     match regcache::cli::run(regcache::cli::Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("regcache: {e:#}");
+            eprintln!("regcache: {}", regcache::cli::error_message(&e));
             std::process::ExitCode::FAILURE
         }
     }

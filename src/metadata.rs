@@ -10,12 +10,16 @@ mod eviction;
 mod expiry;
 mod exports;
 mod imports;
+mod instance;
 mod jobs;
 mod manifests;
 mod migrations;
+mod pins;
 mod pool;
+mod prefetch;
 mod purge;
 mod reconcile;
+mod referrers;
 mod repos;
 mod settings;
 mod status;
@@ -31,13 +35,15 @@ pub use exports::ManifestNode;
 pub use imports::{AbandonedImports, Held, ImportedImage, LinkRefused};
 pub use jobs::{CancelOutcome, Job, JobBackoff, RunOutcome, SweepReport};
 pub use manifests::{ManifestRecord, NewManifest};
+pub use pins::{PinInfo, PinOutcome, PinnedRows, UnpinOutcome};
 pub use pool::Metadata;
 pub use purge::{HandedBlobs, RepoDeleteStep, Unlinked};
+pub use referrers::{ReferrersRecord, REFERRERS_PER_REPO_MAX};
 pub use repos::{RepoKey, Use};
 pub use settings::{AppliedSettings, SettingsChange};
 pub use status::{CountBytes, FailingDelete, Status};
-pub use tags::{ReferrersRecord, TagRecord};
-pub use uploads::StaleUpload;
+pub use tags::TagRecord;
+pub use uploads::{StaleUpload, UploadRecord};
 
 /// Errors of the metadata layer.
 #[derive(Debug, thiserror::Error)]

@@ -1,11 +1,13 @@
 //! Pure OCI vocabulary: digests, repository names, references, media types and manifest
 //! parsing. Depends on nothing else in the crate and does no I/O.
 
+mod descriptor;
 mod digest;
 mod manifest;
 mod media_types;
 mod name;
 
+pub use descriptor::{descriptors, Descriptor, Descriptors, PlatformSpec};
 pub use digest::{Digest, DigestError, Sha256Writer};
 pub use manifest::{config_created, parse_manifest, ManifestError, ParsedManifest};
 pub use media_types::{

@@ -17,8 +17,10 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use futures::FutureExt;
 use route::Endpoint;
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 const API_VERSION: &str = "registry/2.0";
@@ -46,9 +48,16 @@ pub(crate) type Query = HashMap<String, String>;
 async fn dispatch(State(cache): State<Arc<Cache>>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
     let started = std::time::Instant::now();
     let path = uri.path().to_owned();
-    let resp = handle(&cache, &method, &uri, &headers)
+    // A panic fails this request alone, with a 500 whose error id is in the log (I10).
+    // Unwind safety: the cache's shared state is behind std mutexes never held across an
+    // await (poisoning ignored), and single-flight computations catch their own panics.
+    let resp = match AssertUnwindSafe(handle(&cache, &method, &uri, &headers))
+        .catch_unwind()
         .await
-        .unwrap_or_else(IntoResponse::into_response);
+    {
+        Ok(answer) => answer.unwrap_or_else(IntoResponse::into_response),
+        Err(payload) => RegistryError::panicked(&*payload, method.as_str(), &path).into_response(),
+    };
     tracing::debug!(
         http.method = %method, http.path = %path, http.status = resp.status().as_u16(),
         duration_ms = started.elapsed().as_millis() as u64, "request"
@@ -62,6 +71,7 @@ async fn handle(
     uri: &Uri,
     headers: &HeaderMap,
 ) -> Result<Response, RegistryError> {
+    crate::fault::point("registry.request", uri.path());
     let endpoint = route::parse(uri.path())?;
     let query: Query = uri
         .query()

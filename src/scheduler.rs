@@ -4,7 +4,7 @@
 //! shutdown. Calls `metadata` and `storage`; never HTTP, never upstreams.
 
 mod deletes;
-pub mod eviction;
+mod eviction;
 mod expiry;
 pub mod jobs;
 mod policy;
@@ -12,10 +12,10 @@ pub mod reconcile;
 mod uploads;
 
 pub use deletes::run_deletes_once;
-pub use eviction::ActiveBlobs;
 pub use jobs::JobSettings;
 pub use policy::Decision;
 
+use crate::cache::ActiveBlobs;
 use crate::config::Config;
 use crate::metadata::{Backoff, Metadata};
 use crate::storage::BlobStore;
@@ -94,7 +94,7 @@ impl Scheduler {
     }
 
     /// Sleeps `d`, or returns `true` at once when shutting down.
-    async fn pause(&self, d: Duration) -> bool {
+    pub async fn pause(&self, d: Duration) -> bool {
         tokio::select! {
             () = tokio::time::sleep(d) => false,
             () = self.shutdown.cancelled() => true,

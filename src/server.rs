@@ -2,10 +2,14 @@
 //! clients and the cache, binds the listener, and stops everything on one shutdown signal
 //! with a bounded drain.
 
-use crate::cache::{Cache, CacheParts, CacheSettings, UseBuffer};
+mod lock;
+
+pub use lock::{DataDirLock, LockError};
+
+use crate::cache::{ActiveBlobs, Cache, CacheParts, CacheSettings, UseBuffer};
 use crate::config::Config;
 use crate::metadata::{now_secs, AppliedSettings, Metadata, MetadataError};
-use crate::scheduler::{ActiveBlobs, JobSettings, Scheduler, SchedulerSettings};
+use crate::scheduler::{JobSettings, Scheduler, SchedulerSettings};
 use crate::storage::StorageError;
 use crate::upstream::{UpstreamError, Upstreams};
 use std::net::SocketAddr;
@@ -23,6 +27,8 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Locked(#[from] LockError),
+    #[error(transparent)]
     Metadata(#[from] MetadataError),
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -36,6 +42,12 @@ pub enum ServerError {
     },
     #[error("server task failed: {0}")]
     Task(String),
+    #[error("config key `prefetch[{index}].list`: {source}")]
+    PrefetchList {
+        index: usize,
+        #[source]
+        source: crate::imagelist::ImageListError,
+    },
 }
 
 /// A started server. Dropping it does not stop it; call [`RunningServer::stop`].
@@ -47,6 +59,8 @@ pub struct RunningServer {
     http: JoinHandle<std::io::Result<()>>,
     grace: std::time::Duration,
     cache: Arc<Cache>,
+    /// Held until the server is stopped or dropped.
+    _lock: DataDirLock,
 }
 
 /// Opens everything `config` names and starts serving.
@@ -60,11 +74,17 @@ pub async fn start_with_store(
     config: Config,
     store: Option<crate::storage::BlobStore>,
 ) -> Result<RunningServer, ServerError> {
+    // Prefetch lists are read again when their jobs run; a bad one is refused up front.
+    for (index, p) in config.prefetch.iter().enumerate() {
+        crate::imagelist::load(&p.list).map_err(|source| ServerError::PrefetchList { index, source })?;
+    }
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.display().to_string(),
         source,
     })?;
+    // Before anything that would disturb another server on this directory.
+    let lock = DataDirLock::acquire(&data_dir)?;
     let db_path = data_dir.join("regcache.db");
     let meta = tokio::task::spawn_blocking(move || Metadata::open(&db_path))
         .await
@@ -83,6 +103,7 @@ pub async fn start_with_store(
         jobs_due: jobs_due.clone(),
     });
     apply_settings(&meta, &config).await?;
+    claim_storage_prefix(&meta, &store, &data_dir).await?;
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let tmp_dir = data_dir.join("tmp");
@@ -114,7 +135,7 @@ pub async fn start_with_store(
         source,
     })?;
     tasks.spawn(cache.clone().run_background());
-    Scheduler {
+    let scheduler = Scheduler {
         meta,
         store,
         settings: SchedulerSettings::from_config(&config),
@@ -125,8 +146,9 @@ pub async fn start_with_store(
         jobs_due,
         uses: Some(uses),
         shutdown: shutdown.clone(),
-    }
-    .spawn(&tasks);
+    };
+    crate::prefetch::spawn_jobs(&scheduler, cache.clone(), config.prefetch.clone(), &tasks);
+    scheduler.spawn(&tasks);
     let registry = crate::registry::router(cache.clone());
     let app = match &config.admin.listen {
         None => registry.merge(admin),
@@ -170,6 +192,7 @@ pub async fn start_with_store(
         http,
         grace: config.server.shutdown_grace.to_std(),
         cache,
+        _lock: lock,
     })
 }
 
@@ -201,6 +224,39 @@ async fn apply_settings(meta: &Metadata, config: &Config) -> Result<(), ServerEr
             deletes.reclaimed = reclaimed,
             "took back deletes claimed by a previous process"
         );
+    }
+    Ok(())
+}
+
+/// Marks a shared store's prefix (S3, GCS) as this instance's, or says at start-up that
+/// another instance (another data directory) has it; reconciliation then deletes nothing
+/// there. A store that cannot be reached is reported and looked at again by every
+/// reconciliation pass.
+async fn claim_storage_prefix(
+    meta: &Metadata,
+    store: &crate::storage::BlobStore,
+    data_dir: &std::path::Path,
+) -> Result<(), ServerError> {
+    let instance = meta.instance_id(now_secs()).await?;
+    match store
+        .claim_prefix(&instance, &data_dir.display().to_string(), now_secs())
+        .await
+    {
+        Ok(crate::storage::PrefixOwner::Other {
+            instance: owner,
+            data_dir: owner_dir,
+        }) => tracing::error!(
+            instance.id = %instance,
+            owner.instance = %owner,
+            owner.data_dir = %owner_dir,
+            storage = store.describe(),
+            "the storage prefix belongs to another regcache instance (another data directory); reconciliation will delete nothing there. Give each instance its own storage.s3.prefix (or storage.gcs.prefix)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not read or write the storage owner marker; reconciliation deletes no orphans until it can"
+        ),
     }
     Ok(())
 }

@@ -5,11 +5,13 @@
 mod backends;
 mod delete;
 mod list;
+mod owner;
 mod read;
 mod write;
 
 pub use backends::build;
 pub use list::StoredObject;
+pub use owner::{PrefixOwner, OWNER_MARKER};
 pub use read::BlobBody;
 pub use write::OpenUpload;
 
@@ -51,6 +53,9 @@ pub struct BlobStore {
     /// The same store's multipart API (S3, GCS): large blobs are uploaded in parts under
     /// an upload id the caller records first, so a crash cannot leave one open unseen.
     multipart: Option<Multipart>,
+    /// Other regcache instances could use the same bucket prefix (S3, GCS): it carries an
+    /// owner marker (`owner.rs`).
+    shared: bool,
 }
 
 #[derive(Clone)]
@@ -80,6 +85,7 @@ impl BlobStore {
             fsync,
             description,
             multipart: None,
+            shared: false,
         }
     }
 

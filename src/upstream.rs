@@ -6,7 +6,11 @@ mod auth;
 mod client;
 mod error;
 mod routing;
+mod tags;
+mod unavailable;
 
 pub use client::{FetchedManifest, FetchedReferrers, ManifestHead, Upstream};
 pub use error::UpstreamError;
 pub use routing::{RouteError, Routed, Upstreams};
+pub use tags::{TAG_LIST_MAX_BYTES, TAG_PAGES_MAX};
+pub use unavailable::warn_unavailable;

@@ -340,7 +340,15 @@ async fn purge_jobs_repos_and_delete_repo_from_the_cli_reach_the_running_server(
         .lines()
         .find(|l| l.contains(&other.manifest.digest))
         .unwrap_or_else(|| panic!("no row for the tag: {table}"));
-    assert!(row.contains("latest") && row.contains("1717200000"), "{table}");
+    // Times as ISO 8601 UTC in tables, Unix seconds in JSON.
+    assert!(
+        row.contains("latest") && row.contains("2024-06-01T00:00:00Z"),
+        "{table}"
+    );
+    assert!(!table.contains("1717200000"), "{table}");
+    // Without an upstream name, the default upstream's repository, as for a pull.
+    let short = cli(&["repos", "acme/other", "--json"]).await.ok().json();
+    assert_eq!(short, detail, "acme/other is fixture/acme/other");
 
     // purge
     let out = cli(&["purge", "fixture/acme/app", "--json"]).await.ok();
@@ -399,12 +407,26 @@ async fn purge_jobs_repos_and_delete_repo_from_the_cli_reach_the_running_server(
     cli(&["repos", "fixture/acme/app"])
         .await
         .assert_failure_naming(&["fixture/acme/app", "not cached"]);
-    cli(&["purge", "nope/acme/app"])
+    cli(&["purge", "Not A Name"])
         .await
-        .assert_failure_naming(&["nope"]);
-    cli(&["purge", "acme"])
-        .await
-        .assert_failure_naming(&["acme", "<upstream>/<repository>"]);
+        .assert_failure_naming(&["Not A Name", "UPSTREAM/REPO"]);
+    // status: every value starts in one column, the longest label's included.
+    let status = cli(&["status"]).await.ok().stdout;
+    let columns: std::collections::BTreeSet<usize> = status
+        .lines()
+        .map(|l| {
+            let gap = l.find("  ").unwrap_or_else(|| panic!("no value column: {l:?}"));
+            gap + l[gap..].find(|c: char| c != ' ').unwrap_or(0)
+        })
+        .collect();
+    assert_eq!(columns.len(), 1, "values do not align:\n{status}");
+    assert!(status.contains("oldest failing delete  none"), "{status}");
+    // An empty list says so instead of printing a bare header.
+    let table = cli(&["repos"]).await.ok().stdout;
+    assert_eq!(table, "no repositories are cached\n");
+    // A repository without an upstream name is the default upstream's.
+    let out = cli(&["purge", "acme"]).await.ok();
+    assert!(out.stdout.contains("purge fixture/acme "), "{out:#?}");
     cli(&["delete-repo", "fixture/acme/app"])
         .await
         .assert_failure_naming(&["not cached"]);
@@ -420,6 +442,6 @@ async fn purge_jobs_repos_and_delete_repo_from_the_cli_reach_the_running_server(
     );
     run_async(&["jobs", "--config", &empty], dir.path())
         .await
-        .assert_failure_naming(&["no regcache database"]);
+        .assert_failure_naming(&["no regcache database", "--config", "regcache serve"]);
     assert!(!dir.path().join("nothing").exists());
 }

@@ -19,9 +19,10 @@ use common::binary::run_ok_async;
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::{Image, ACCEPT_ALL_MANIFESTS};
 use common::wait_until_async;
+use regcache::cache::ActiveBlobs;
 use regcache::config::Config;
 use regcache::metadata::{now_secs, Metadata, RepoKey};
-use regcache::scheduler::{ActiveBlobs, JobSettings, Scheduler, SchedulerSettings};
+use regcache::scheduler::{JobSettings, Scheduler, SchedulerSettings};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "cleanup-test-admin-token-0123456789";

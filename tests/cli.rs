@@ -280,6 +280,12 @@ async fn serve_pulls_through_and_stops_cleanly_on_sigterm() {
     let child = Command::new(BIN)
         .args(["serve", "--config", &config])
         .env_clear()
+        // What Kubernetes injects for a Service named `regcache`: ignored, not refused.
+        .envs([
+            ("REGCACHE_PORT", "tcp://10.0.0.1:5000"),
+            ("REGCACHE_SERVICE_HOST", "10.0.0.1"),
+            ("REGCACHE_PORT_5000_TCP_ADDR", "10.0.0.1"),
+        ])
         .current_dir(dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -396,7 +396,11 @@ async fn bucket_keys(moto: &MotoS3) -> Result<BTreeSet<String>, object_store::Er
     let mut keys = BTreeSet::new();
     let mut listing = s3.list(None);
     while let Some(meta) = listing.next().await {
-        keys.insert(meta?.location.to_string());
+        let key = meta?.location.to_string();
+        // The owner marker regcache puts on a shared prefix is not a blob.
+        if key != regcache::storage::OWNER_MARKER {
+            keys.insert(key);
+        }
     }
     Ok(keys)
 }

@@ -129,7 +129,7 @@ async fn fsck_reports_on_dry_run_then_deletes_orphans_and_repairs_rows() {
         "orphan objects           1",
         "would be queued for deletion",
         "rows without object      1; 1 would be repaired",
-        "temporary files          1 would be removed",
+        "temporary files          1 stale; 1 would be removed",
     ] {
         assert!(text.contains(needle), "fsck --dry-run lacks {needle:?}:\n{text}");
     }
@@ -145,7 +145,8 @@ async fn fsck_reports_on_dry_run_then_deletes_orphans_and_repairs_rows() {
             ("orphans_queued", 0),
             ("missing_objects", 1),
             ("rows_repaired", 0),
-            ("temp_files_removed", 1),
+            ("temp_files_stale", 1),
+            ("temp_files_removed", 0),
             ("blobs_deleted", 0),
         ],
     );
@@ -168,6 +169,7 @@ async fn fsck_reports_on_dry_run_then_deletes_orphans_and_repairs_rows() {
             ("deletes_failed", 0),
             ("missing_objects", 1),
             ("rows_repaired", 1),
+            ("temp_files_stale", 1),
             ("temp_files_removed", 1),
         ],
     );

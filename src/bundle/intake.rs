@@ -215,7 +215,7 @@ pub(super) async fn commit_file(
         // A multipart upload is on record before its first part is sent (I2).
         let upload = store.open_upload(&d, size).await?;
         if let Some(u) = &upload {
-            if let Err(e) = meta.record_upload(intent, u.clone()).await {
+            if let Err(e) = meta.record_upload(intent, u.key.clone(), u.id.clone()).await {
                 let _ = store.abort_upload(u).await;
                 return Err(e.into());
             }

@@ -175,7 +175,7 @@ impl Cache {
 }
 
 /// Keeps `guard` alive until the body is finished or dropped.
-fn hold_while_streaming(body: BlobBody, guard: crate::scheduler::eviction::ActiveGuard) -> BlobBody {
+fn hold_while_streaming(body: BlobBody, guard: super::ActiveGuard) -> BlobBody {
     use futures::StreamExt;
     body.map(move |chunk| {
         let _held = &guard;

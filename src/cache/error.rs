@@ -33,6 +33,25 @@ pub enum CacheError {
     Io(Arc<std::io::Error>),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// A computation shared by several requests panicked; the panic was logged with this
+    /// id, which every waiter's 500 carries.
+    #[error("internal error {error_id} (a panic)")]
+    Panicked { error_id: String },
+}
+
+/// A fresh id for an error whose details go to the log only: the client's answer and
+/// the log line both carry it. A ULID, so ids sort by time.
+pub fn new_error_id() -> String {
+    ulid::Ulid::new().to_string()
+}
+
+/// The message of a panic payload (`panic!` gives a `&str` or a `String`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a panic without a message)")
 }
 
 impl CacheError {

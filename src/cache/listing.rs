@@ -4,23 +4,38 @@
 use super::{Cache, CacheError, Target};
 use crate::metadata::{now_secs, ReferrersRecord};
 use crate::oci::Digest;
+use std::sync::Arc;
 
 /// The empty image index answered for referrers nobody has recorded.
 const EMPTY_INDEX: &str =
     r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
 
 impl Cache {
-    /// Every tag of the repository, sorted; pagination is the caller's.
-    pub async fn tags(&self, t: &Target) -> Result<Vec<String>, CacheError> {
+    /// Every tag of the repository, sorted; pagination is the caller's. Concurrent
+    /// requests for one repository share one upstream walk (its pages are bounded in
+    /// `upstream::Upstream::tags`).
+    pub async fn tags(&self, t: &Target) -> Result<Arc<Vec<String>>, CacheError> {
         if !self.settings.offline {
-            match t.upstream.tags(&t.repo).await {
-                Ok(mut names) => {
+            let (upstream, repo, key, meta) = (
+                t.upstream.clone(),
+                t.repo.clone(),
+                t.key.clone(),
+                self.meta.clone(),
+            );
+            let walked = self
+                .tag_walks
+                .run(t.key.clone(), move || async move {
+                    crate::fault::point("cache.tag_list", repo.as_str());
+                    let mut names = upstream.tags(&repo).await?;
                     names.sort();
                     names.dedup();
-                    self.meta.store_tag_list(&t.key, &names, now_secs()).await?;
-                    return Ok(names);
-                }
-                Err(e) if e.is_not_found() => {
+                    meta.store_tag_list(&key, &names, now_secs()).await?;
+                    Ok(Arc::new(names))
+                })
+                .await;
+            match walked {
+                Ok(names) => return Ok(names),
+                Err(CacheError::Upstream(e)) if e.is_not_found() => {
                     return Err(CacheError::NameUnknown {
                         repo: t.repo.to_string(),
                     })
@@ -28,16 +43,17 @@ impl Cache {
                 Err(e) if e.is_unavailable() => {
                     tracing::warn!(repo.name = %t.key, error = %e, "upstream unavailable; listing cached tags");
                     if let Some(names) = self.meta.known_tags(&t.key).await? {
-                        return Ok(names);
+                        return Ok(Arc::new(names));
                     }
-                    return Err(e.into());
+                    return Err(e);
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         }
         self.meta
             .known_tags(&t.key)
             .await?
+            .map(Arc::new)
             .ok_or_else(|| CacheError::NameUnknown {
                 repo: t.repo.to_string(),
             })

@@ -87,23 +87,24 @@ impl Cache {
         Ok(cached)
     }
 
-    fn record_tag_use(&self, t: &Target, tag: &Tag, m: &ManifestRecord) {
+    pub(super) fn record_tag_use(&self, t: &Target, tag: &Tag, m: &ManifestRecord) {
         self.uses.record(Use::Tag(t.key.clone(), tag.to_string()));
         self.uses.record(Use::Manifest(t.key.clone(), m.digest.clone()));
     }
 
-    fn mark_checked(&self, key: (crate::metadata::RepoKey, String)) {
+    pub(super) fn mark_checked(&self, key: (crate::metadata::RepoKey, String)) {
         if !self.settings.revalidate_after.is_zero() {
             super::lock(&self.checked).insert(key, Instant::now());
         }
     }
 
     /// One upstream HEAD per tag at a time; returns the upstream's digest for the tag.
-    async fn revalidate(&self, t: &Target, tag: &Tag) -> Result<Option<String>, CacheError> {
+    pub(super) async fn revalidate(&self, t: &Target, tag: &Tag) -> Result<Option<String>, CacheError> {
         let key = (t.key.clone(), tag.to_string());
         let (upstream, repo, tag) = (t.upstream.clone(), t.repo.clone(), tag.to_string());
         self.revalidations
             .run(key, move || async move {
+                crate::fault::point("cache.revalidate", &format!("{repo}:{tag}"));
                 upstream
                     .head_manifest(&repo, &tag)
                     .await
@@ -114,7 +115,7 @@ impl Cache {
     }
 
     /// Fetches, verifies and caches a manifest; concurrent requests share one fetch.
-    async fn fetch_manifest(
+    pub(super) async fn fetch_manifest(
         self: &Arc<Self>,
         t: &Target,
         reference: Reference,
@@ -133,6 +134,7 @@ impl Cache {
         t: &Target,
         reference: &Reference,
     ) -> Result<ManifestRecord, CacheError> {
+        crate::fault::point("cache.manifest_fetch", &format!("{}:{reference}", t.repo));
         let fetched = match t.upstream.get_manifest(&t.repo, &reference.to_string()).await {
             Err(e) if e.is_not_found() => {
                 return Err(CacheError::ManifestUnknown {

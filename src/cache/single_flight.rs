@@ -1,16 +1,27 @@
 //! One in-flight computation per key: later callers wait on the first one's result.
+//!
+//! A panic inside a computation is caught here (I10): it is logged once with an error id,
+//! every waiter gets `CacheError::Panicked` carrying that id, and the key is released like
+//! any finished flight, so the next caller starts afresh. Uncaught, the panic would leave
+//! a poisoned `Shared` in the map that fails every later caller for the key.
 
+use super::error::{new_error_id, panic_message};
+use super::CacheError;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
+use std::fmt::Debug;
 use std::future::Future;
 use std::hash::Hash;
+use std::panic::AssertUnwindSafe;
 use std::sync::Mutex;
 
-pub(super) struct SingleFlight<K, V: Clone> {
-    flights: Mutex<HashMap<K, Shared<BoxFuture<'static, V>>>>,
+type Flight<T> = Shared<BoxFuture<'static, Result<T, CacheError>>>;
+
+pub(super) struct SingleFlight<K, T: Clone> {
+    flights: Mutex<HashMap<K, Flight<T>>>,
 }
 
-impl<K, V: Clone> Default for SingleFlight<K, V> {
+impl<K, T: Clone> Default for SingleFlight<K, T> {
     fn default() -> Self {
         Self {
             flights: Mutex::new(HashMap::new()),
@@ -18,29 +29,31 @@ impl<K, V: Clone> Default for SingleFlight<K, V> {
     }
 }
 
-impl<K, V: Clone> std::fmt::Debug for SingleFlight<K, V> {
+impl<K, T: Clone> std::fmt::Debug for SingleFlight<K, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SingleFlight")
     }
 }
 
-impl<K, V> SingleFlight<K, V>
+impl<K, T> SingleFlight<K, T>
 where
-    K: Eq + Hash + Clone,
-    V: Clone + Send + Sync + 'static,
+    K: Eq + Hash + Clone + Debug + Send + 'static,
+    T: Clone + Send + Sync + 'static,
 {
     /// Runs `make()` unless a flight for `key` is under way, and returns its result.
-    /// If every waiter goes away the flight is dropped; the next caller starts afresh.
-    pub(super) async fn run<F>(&self, key: K, make: impl FnOnce() -> F) -> V
+    /// A flight whose waiters all went away stays in the map, unpolled, and the next
+    /// caller resumes it.
+    pub(super) async fn run<M, F>(&self, key: K, make: M) -> Result<T, CacheError>
     where
-        F: Future<Output = V> + Send + 'static,
+        M: FnOnce() -> F + Send + 'static,
+        F: Future<Output = Result<T, CacheError>> + Send + 'static,
     {
         let flight = {
             let mut flights = super::lock(&self.flights);
             match flights.get(&key) {
                 Some(f) => f.clone(),
                 None => {
-                    let f = make().boxed().shared();
+                    let f = contained(key.clone(), make).boxed().shared();
                     flights.insert(key.clone(), f.clone());
                     f
                 }
@@ -52,6 +65,31 @@ where
             flights.remove(&key);
         }
         out
+    }
+}
+
+/// `make()` run to its end, a panic (in `make` itself or while polling its future)
+/// turned into `CacheError::Panicked` after one log line.
+async fn contained<K, M, F, T>(key: K, make: M) -> Result<T, CacheError>
+where
+    K: Debug,
+    M: FnOnce() -> F,
+    F: Future<Output = Result<T, CacheError>>,
+{
+    // The flight's own state is dropped with it; the cache's maps stay consistent under
+    // a panic (std mutexes, never held across an await, poisoning ignored).
+    match AssertUnwindSafe(async move { make().await }).catch_unwind().await {
+        Ok(out) => out,
+        Err(payload) => {
+            let error_id = new_error_id();
+            tracing::error!(
+                error.id = %error_id,
+                flight.key = ?key,
+                panic.message = %panic_message(&*payload),
+                "a shared computation panicked; its requests fail with this error id"
+            );
+            Err(CacheError::Panicked { error_id })
+        }
     }
 }
 
@@ -72,7 +110,7 @@ mod tests {
             handles.push(tokio::spawn(async move {
                 sf.run("k", || async move {
                     gate.notified().await;
-                    runs.fetch_add(1, Ordering::SeqCst) + 41
+                    Ok(runs.fetch_add(1, Ordering::SeqCst) + 41)
                 })
                 .await
             }));
@@ -86,7 +124,7 @@ mod tests {
         }
         gate.notify_one();
         for h in handles {
-            assert_eq!(h.await.unwrap(), 41);
+            assert_eq!(h.await.unwrap().unwrap(), 41);
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert!(
@@ -94,6 +132,49 @@ mod tests {
             "finished flights are removed"
         );
         // A later call runs again.
-        assert_eq!(sf.run("k", || async { 7 }).await, 7);
+        assert_eq!(sf.run("k", || async { Ok(7) }).await.unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_panic_fails_its_waiters_alone_and_releases_the_key() {
+        let sf: Arc<SingleFlight<&str, usize>> = Arc::default();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let mut handles = Vec::new();
+        for _ in 0..3 {
+            let (sf, gate) = (sf.clone(), gate.clone());
+            handles.push(tokio::spawn(async move {
+                sf.run("k", || async move {
+                    gate.notified().await;
+                    panic!("boom");
+                })
+                .await
+            }));
+        }
+        while super::super::lock(&sf.flights).is_empty() {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        gate.notify_one();
+        let mut ids = Vec::new();
+        for h in handles {
+            match h.await.expect("the waiter itself does not panic") {
+                Err(CacheError::Panicked { error_id }) => ids.push(error_id),
+                other => panic!("{other:?}"),
+            }
+        }
+        ids.dedup();
+        assert_eq!(ids.len(), 1, "one panic, one id for every waiter: {ids:?}");
+        assert!(super::super::lock(&sf.flights).is_empty(), "the key is released");
+        // Another key is untouched, and the same key works again.
+        assert_eq!(sf.run("other", || async { Ok(1) }).await.unwrap(), 1);
+        assert_eq!(sf.run("k", || async { Ok(2) }).await.unwrap(), 2);
+        // A panic in `make` itself, before any future exists, is contained too.
+        let r = sf.run("k", || -> std::future::Ready<Result<usize, CacheError>> {
+            panic!("early")
+        });
+        assert!(matches!(r.await, Err(CacheError::Panicked { .. })));
+        assert!(super::super::lock(&sf.flights).is_empty());
     }
 }

@@ -82,6 +82,17 @@ impl Cache {
                 );
                 tx.send_replace(State::Done { file, size });
             }
+            // An unreachable upstream is warned about once per cause where it becomes the
+            // client's 503 (`upstream::warn_unavailable`), not once per blob.
+            Err(
+                e @ CacheError::Upstream(
+                    crate::upstream::UpstreamError::Unreachable { .. }
+                    | crate::upstream::UpstreamError::Timeout { .. },
+                ),
+            ) => {
+                tracing::debug!(repo.name = %t.key, blob.digest = %digest, error = %e, "blob fetch failed");
+                tx.send_replace(State::Failed(e));
+            }
             Err(e) => {
                 tracing::warn!(repo.name = %t.key, blob.digest = %digest, error = %e, "blob fetch failed");
                 tx.send_replace(State::Failed(e));
@@ -168,7 +179,7 @@ impl Cache {
             // A multipart upload is on record before its first part is sent (I2).
             let upload = self.store.open_upload(digest, written).await?;
             if let Some(u) = &upload {
-                if let Err(e) = self.meta.record_upload(intent, u.clone()).await {
+                if let Err(e) = self.meta.record_upload(intent, u.key.clone(), u.id.clone()).await {
                     let _ = self.store.abort_upload(u).await;
                     return Err(e.into());
                 }

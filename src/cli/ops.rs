@@ -2,11 +2,12 @@
 //! server or without one (SQLite's WAL lets both use it; claims and write intents keep a
 //! CLI delete and a server write apart).
 
-use super::format::{bytes, secs};
+use super::format::{bytes, fields, secs, when};
+use crate::cache::ActiveBlobs;
 use crate::config::Config;
-use crate::metadata::Metadata;
+use crate::metadata::{now_secs, Metadata};
 use crate::scheduler::reconcile::{reconcile, Progress, ReconcileOptions, ReconcileReport};
-use crate::scheduler::{run_deletes_once, ActiveBlobs, Scheduler, SchedulerSettings};
+use crate::scheduler::{run_deletes_once, Scheduler, SchedulerSettings};
 use anyhow::Context;
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -15,7 +16,8 @@ pub(super) async fn open_metadata(config: &Config) -> anyhow::Result<Metadata> {
     let path = config.server.data_dir.join("regcache.db");
     anyhow::ensure!(
         path.is_file(),
-        "no regcache database at {} (server.data_dir = {}); has the server run here?",
+        "no regcache database at {} (server.data_dir = {}): give the server's config with \
+         --config, or start `regcache serve` with this one first",
         path.display(),
         config.server.data_dir.display()
     );
@@ -32,41 +34,53 @@ pub(super) async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    println!("data dir            {}", config.server.data_dir.display());
-    println!("repositories        {}", s.repositories);
-    println!("tags                {}", s.tags);
-    println!(
-        "manifests           {} ({})",
-        s.manifests.count,
-        bytes(s.manifests.bytes)
-    );
-    println!("blobs               {} ({})", s.blobs.count, bytes(s.blobs.bytes));
-    println!(
-        "pending deletes     {} ({})",
-        s.pending_deletes.count,
-        bytes(s.pending_deletes.bytes)
-    );
-    println!(
-        "deferred deletes    {} ({})",
-        s.deferred_deletes.count,
-        bytes(s.deferred_deletes.bytes)
-    );
-    println!("deferred entries    {}", s.deferred_entries);
-    match &s.oldest_failing_delete {
-        Some(f) => println!(
-            "oldest failing delete  {} after {} attempts, next at {}: {}",
-            f.digest, f.attempts, f.next_attempt_at, f.last_error
+    let count_bytes = |c: &crate::metadata::CountBytes| format!("{} ({})", c.count, bytes(c.bytes));
+    let mut rows = vec![
+        ("data dir", config.server.data_dir.display().to_string()),
+        ("repositories", s.repositories.to_string()),
+        ("tags", s.tags.to_string()),
+        ("manifests", count_bytes(&s.manifests)),
+        ("blobs", count_bytes(&s.blobs)),
+        ("pending deletes", count_bytes(&s.pending_deletes)),
+        ("deferred deletes", count_bytes(&s.deferred_deletes)),
+        ("deferred entries", s.deferred_entries.to_string()),
+        (
+            "oldest failing delete",
+            s.oldest_failing_delete.as_ref().map_or_else(
+                || "none".to_owned(),
+                |f| {
+                    format!(
+                        "{} after {} attempts, next at {}: {}",
+                        f.digest,
+                        f.attempts,
+                        when(f.next_attempt_at, now_secs()),
+                        f.last_error
+                    )
+                },
+            ),
         ),
-        None => println!("oldest failing delete  none"),
-    }
-    println!("open uploads        {}", s.open_uploads);
-    println!(
-        "applied settings    storage.delete.enabled = {}",
-        s.delete_enabled
-    );
+        ("open uploads", s.open_uploads.to_string()),
+        (
+            "pins",
+            format!(
+                "{} ({} not cached yet): {} tags, {} manifests, {} blobs ({}) pinned",
+                s.pins,
+                s.pins_not_cached,
+                s.pinned_tags,
+                s.pinned_manifests,
+                s.pinned_blobs.count,
+                bytes(s.pinned_blobs.bytes)
+            ),
+        ),
+        (
+            "applied settings",
+            format!("storage.delete.enabled = {}", s.delete_enabled),
+        ),
+    ];
     for (upstream, ttl) in &s.ttls {
-        println!("                    ttl of upstream {upstream} = {}", secs(*ttl));
+        rows.push(("", format!("ttl of upstream {upstream} = {}", secs(*ttl))));
     }
+    print!("{}", fields(&rows));
     Ok(())
 }
 
@@ -182,8 +196,13 @@ fn print_report(r: &ReconcileReport, deleted: u64, failed: u64) {
         verb("repaired")
     );
     println!(
-        "temporary files          {} {}",
-        r.temp_files_removed,
+        "temporary files          {} stale; {} {}",
+        r.temp_files_stale,
+        if r.dry_run {
+            r.temp_files_stale
+        } else {
+            r.temp_files_removed
+        },
         verb("removed")
     );
     if r.stale_uploads > 0 {

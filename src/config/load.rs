@@ -1,5 +1,9 @@
-//! Loading and validating the configuration.
+//! Loading the configuration: embedded defaults, then the TOML file, then `REGCACHE_*`
+//! environment variables (`env.rs` says which are keys); then validation, with every error
+//! explained (`explain.rs`).
 
+use super::env::{config_vars, env_to_toml};
+use super::explain::{from_figment, KeyContext, Sources};
 use super::validate::validate;
 use super::Config;
 use figment::providers::{Format, Toml};
@@ -11,14 +15,40 @@ use std::path::Path;
 pub enum ConfigError {
     #[error("config file {path}: {message}")]
     File { path: String, message: String },
-    #[error("config key `{key}`: {message}")]
-    Invalid { key: String, message: String },
+    #[error("config key `{key}`{context}: {message}")]
+    Invalid {
+        key: String,
+        message: String,
+        /// Which upstream, which variable or file; filled in by [`load`].
+        context: KeyContext,
+    },
 }
 
 pub(super) fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         message: message.into(),
+        context: KeyContext::default(),
+    }
+}
+
+/// The variable that names the config file; it is not a config key.
+pub const CONFIG_FILE_VAR: &str = "REGCACHE_CONFIG";
+
+/// A loaded and validated configuration, with what is needed to explain a later error
+/// about it (such as `server.data_dir` turning out unusable).
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    /// `REGCACHE_*` variables left out because they name no config section; log them.
+    pub ignored_env: Vec<String>,
+    sources: Sources,
+}
+
+impl Loaded {
+    /// Adds to a key error the upstream, variable or file it is about.
+    pub fn explain(&self, e: ConfigError) -> ConfigError {
+        self.sources.explain(e)
     }
 }
 
@@ -28,93 +58,68 @@ pub fn load(
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
+    load_report(file, env).map(|l| l.config)
+}
+
+/// [`load`], also returning the variables it ignored and where values came from.
+pub fn load_report(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Loaded, ConfigError> {
     let mut figment = Figment::new();
+    let mut sources = Sources::default();
     if let Some(path) = file {
         if !path.is_file() {
+            let message = if path.exists() {
+                "is not a file; give --config the path of a TOML file"
+            } else {
+                "no such file; check the path given with --config or REGCACHE_CONFIG"
+            };
             return Err(ConfigError::File {
                 path: path.display().to_string(),
-                message: "no such file".into(),
+                message: message.into(),
             });
         }
         figment = figment.merge(Toml::file_exact(path));
+        let sections = match figment.find_value("") {
+            Ok(v) => v.into_dict().map(|d| d.into_keys().collect()).unwrap_or_default(),
+            Err(e) => {
+                return Err(ConfigError::File {
+                    path: path.display().to_string(),
+                    message: format!("cannot be read as TOML: {}", e.kind),
+                })
+            }
+        };
+        sources.file = Some((path.display().to_string(), sections));
     }
     // figment reads the process environment; pass our own map through a scoped provider
     // so tests stay independent of the process and of each other.
-    let vars: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with("REGCACHE_"))
-        .collect();
-    let env_toml = env_to_toml(&vars)?;
+    let (vars, ignored_env) = config_vars(env);
+    let env_toml = env_to_toml(&vars, &mut sources)?;
     figment = figment.merge(Toml::string(&env_toml));
-    let mut config: Config = figment.extract().map_err(from_figment)?;
-    validate(&mut config)?;
-    Ok(config)
+    sources.upstream_names = upstream_names(&figment);
+    let mut config: Config = figment.extract().map_err(|e| sources.explain(from_figment(e)))?;
+    validate(&mut config).map_err(|e| sources.explain(e))?;
+    Ok(Loaded {
+        config,
+        ignored_env,
+        sources,
+    })
 }
 
-/// Turns `REGCACHE_A__B=v` variables into a TOML document `[a] b = v`, parsing each value
-/// as TOML when it parses and as a string otherwise (figment's own rule).
-fn env_to_toml(vars: &[(String, String)]) -> Result<String, ConfigError> {
-    let mut root = toml::Table::new();
-    for (name, raw) in vars {
-        let Some(rest) = name.strip_prefix("REGCACHE_") else {
-            continue;
-        };
-        let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
-        if path.iter().any(String::is_empty) {
-            return Err(invalid(
-                name.clone(),
-                "empty key segment in environment variable name",
-            ));
-        }
-        let value = parse_env_value(raw);
-        let mut table = &mut root;
-        for (i, segment) in path.iter().enumerate() {
-            if i + 1 == path.len() {
-                table.insert(segment.clone(), value.clone());
-                break;
-            }
-            let entry = table
-                .entry(segment.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            table = entry
-                .as_table_mut()
-                .ok_or_else(|| invalid(path[..=i].join("."), format!("{name} sets a key below a value")))?;
-        }
-    }
-    Ok(toml::to_string(&root).unwrap_or_default())
-}
-
-fn parse_env_value(raw: &str) -> toml::Value {
-    let doc = format!("v = {raw}");
-    match doc.parse::<toml::Table>() {
-        Ok(mut t) => t
-            .remove("v")
-            .unwrap_or_else(|| toml::Value::String(raw.to_owned())),
-        Err(_) => toml::Value::String(raw.to_owned()),
-    }
-}
-
-fn from_figment(err: figment::Error) -> ConfigError {
-    let mut messages = Vec::new();
-    let mut key = String::new();
-    for e in err {
-        let path = e.path.join(".");
-        if key.is_empty() {
-            key = if path.is_empty() {
-                "(top level)".into()
-            } else {
-                path.clone()
-            };
-        }
-        let source = e
-            .metadata
-            .as_ref()
-            .and_then(|m| m.source.as_ref())
-            .map(|s| format!(" (in {s})"))
-            .unwrap_or_default();
-        messages.push(format!("{}{source}", e.kind));
-    }
-    invalid(key, messages.join("; "))
+/// The `name` of each `[[upstream]]` entry, by index, before extraction (for errors).
+fn upstream_names(figment: &Figment) -> Vec<String> {
+    let Ok(figment::value::Value::Array(_, list)) = figment.find_value("upstream") else {
+        return Vec::new();
+    };
+    list.iter()
+        .map(|u| {
+            u.find_ref("name")
+                .and_then(|n| n.as_str())
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -226,6 +231,49 @@ mod tests {
     }
 
     #[test]
+    fn upstream_ns_and_prefetch_lists_are_validated() {
+        let f = toml_file("[[upstream]]\nname = \"a\"\nurl = \"http://a\"\nns = \"Docker.IO\"\n");
+        assert_eq!(
+            load(Some(f.path()), env(&[])).unwrap().upstream[0].ns.as_deref(),
+            Some("docker.io")
+        );
+        for bad in ["", "a/b", "x?y", "a b"] {
+            let f = toml_file(&format!(
+                "[[upstream]]\nname = \"a\"\nurl = \"http://a\"\nns = {bad:?}\n"
+            ));
+            assert_eq!(
+                err_key(load(Some(f.path()), env(&[])).unwrap_err()),
+                "upstream[0].ns",
+                "{bad:?}"
+            );
+        }
+        let f = toml_file(
+            "[[prefetch]]\nlist = \"/l.toml\"\n[[prefetch]]\nlist = \"/m.toml\"\ncadence = \"6h\"\n",
+        );
+        let c = load(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(c.prefetch[0].name, "prefetch-0");
+        assert_eq!(c.prefetch[0].cadence.as_secs(), 86_400);
+        assert_eq!(c.prefetch[1].cadence.as_secs(), 6 * 3600);
+        let f = toml_file("[[prefetch]]\nlist = \"/l.toml\"\ncadence = \"0\"\n");
+        assert_eq!(
+            err_key(load(Some(f.path()), env(&[])).unwrap_err()),
+            "prefetch[0].cadence"
+        );
+        let f = toml_file(
+            "[[prefetch]]\nname = \"a\"\nlist = \"/l\"\n[[prefetch]]\nname = \"a\"\nlist = \"/m\"\n",
+        );
+        assert_eq!(
+            err_key(load(Some(f.path()), env(&[])).unwrap_err()),
+            "prefetch[1].name"
+        );
+        let f = toml_file("[[prefetch]]\ncadence = \"1h\"\n");
+        assert!(load(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string()
+            .contains("list"));
+    }
+
+    #[test]
     fn password_file_is_read_and_redacted() {
         let secret = toml_file("s3cr3t\n");
         let f = toml_file(&format!(
@@ -318,6 +366,8 @@ mod tests {
             "name_regex_delete",
             "name_regex_keep",
             "cadence",
+            "ns",
+            "list",
         ];
         for key in keys {
             assert!(

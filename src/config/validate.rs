@@ -34,7 +34,31 @@ pub(super) fn validate(config: &mut Config) -> Result<(), ConfigError> {
     validate_storage(config)?;
     validate_admin(config)?;
     validate_jobs(config)?;
+    validate_prefetch(config)?;
     validate_upstreams(&mut config.upstream)
+}
+
+fn validate_prefetch(config: &mut Config) -> Result<(), ConfigError> {
+    let mut names = std::collections::HashSet::new();
+    for (i, p) in config.prefetch.iter_mut().enumerate() {
+        let key = |field: &str| format!("prefetch[{i}].{field}");
+        if p.name.is_empty() {
+            p.name = format!("prefetch-{i}");
+        }
+        if !names.insert(p.name.clone()) {
+            return Err(invalid(
+                key("name"),
+                format!("{:?} is used by two prefetch lists", p.name),
+            ));
+        }
+        if p.list.as_os_str().is_empty() {
+            return Err(invalid(key("list"), "must name an image list file"));
+        }
+        if p.cadence.is_zero() {
+            return Err(invalid(key("cadence"), "must be greater than 0"));
+        }
+    }
+    Ok(())
 }
 
 fn validate_admin(config: &mut Config) -> Result<(), ConfigError> {
@@ -213,6 +237,7 @@ fn validate_upstreams(upstreams: &mut Vec<UpstreamConfig>) -> Result<(), ConfigE
             password: None,
             password_file: None,
             ttl: None,
+            ns: None,
         });
     }
     let mut names = std::collections::HashSet::new();
@@ -227,7 +252,7 @@ fn validate_upstreams(upstreams: &mut Vec<UpstreamConfig>) -> Result<(), ConfigE
                 format!("{:?} is used by two upstreams", u.name),
             ));
         }
-        check_url(&key("url"), &u.url)?;
+        check_upstream_url(&key("url"), &u.url)?;
         u.url = u.url.trim_end_matches('/').to_owned();
         if u.password.is_some() && u.password_file.is_some() {
             return Err(invalid(
@@ -240,6 +265,10 @@ fn validate_upstreams(upstreams: &mut Vec<UpstreamConfig>) -> Result<(), ConfigE
         }
         if u.password.is_some() && u.username.is_none() {
             return Err(invalid(key("username"), "a password needs a username"));
+        }
+        if let Some(ns) = &mut u.ns {
+            *ns = ns.to_ascii_lowercase();
+            check_ns(&key("ns"), ns)?;
         }
     }
     match upstreams.iter().filter(|u| u.default).count() {
@@ -256,12 +285,158 @@ fn validate_upstreams(upstreams: &mut Vec<UpstreamConfig>) -> Result<(), ConfigE
     Ok(())
 }
 
-fn check_url(key: &str, raw: &str) -> Result<(), ConfigError> {
-    let url = url::Url::parse(raw).map_err(|e| invalid(key, format!("{raw:?} is not a URL ({e})")))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+/// A registry host (`docker.io`, `ghcr.io`, `registry.local:5000`) or upstream name, as
+/// containerd sends it in `ns`: nothing that would need escaping in a query.
+fn check_ns(key: &str, ns: &str) -> Result<(), ConfigError> {
+    let ok = !ns.is_empty()
+        && ns.len() <= 255
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'));
+    if !ok {
         return Err(invalid(
             key,
-            format!("{raw:?} must be an http:// or https:// URL with a host"),
+            format!("{ns:?} must be a registry host such as \"docker.io\" or \"registry.local:5000\""),
+        ));
+    }
+    Ok(())
+}
+
+fn check_url(key: &str, raw: &str) -> Result<(), ConfigError> {
+    let scheme_missing = || {
+        let host = raw.split_once("://").map_or(raw, |(_, rest)| rest);
+        invalid(
+            key,
+            format!(
+                "{raw:?} needs http:// or https:// in front, e.g. \"https://{host}\" \
+                 (\"http://{host}\" for a registry without TLS)"
+            ),
+        )
+    };
+    match url::Url::parse(raw) {
+        // `registry.local` (no scheme) and `localhost:5000` (which parses with the scheme
+        // `localhost`) both mean a host.
+        Err(url::ParseError::RelativeUrlWithoutBase) => Err(scheme_missing()),
+        Err(e) => Err(invalid(key, format!("{raw:?} is not a URL ({e})"))),
+        Ok(url) if !matches!(url.scheme(), "http" | "https") => Err(scheme_missing()),
+        Ok(url) if url.host_str().is_none_or(str::is_empty) => Err(invalid(
+            key,
+            format!("{raw:?} has no host; write it as \"https://host[:port]\""),
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Whether `server.data_dir` can hold the cache: a directory this process can write, or a
+/// path it can create (its nearest existing ancestor is a writable directory). Writing is
+/// tried (a probe file, removed at once), since only that answers for ACLs, read-only
+/// mounts and root squash alike. Creates nothing else.
+pub fn check_data_dir(config: &Config) -> Result<(), ConfigError> {
+    const KEY: &str = "server.data_dir";
+    let dir = &config.server.data_dir;
+    let choose = "or set server.data_dir to a directory this user can write";
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => probe_write(dir).map_err(|e| {
+            invalid(
+                KEY,
+                format!("{} {}; {}", dir.display(), not_writable(&e), fix_dir(&e, choose)),
+            )
+        }),
+        Ok(_) => Err(invalid(
+            KEY,
+            format!(
+                "{} is a file, not a directory; move the file away {choose} (it is created if missing)",
+                dir.display()
+            ),
+        )),
+        Err(_) => {
+            // Missing (or under a file, or unreadable): can the nearest existing ancestor
+            // take the directory?
+            let ancestor = dir
+                .ancestors()
+                .skip(1)
+                .map(|a| {
+                    if a.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        a
+                    }
+                })
+                .find(|a| std::fs::symlink_metadata(a).is_ok())
+                .unwrap_or(Path::new("/"));
+            let why = match std::fs::metadata(ancestor) {
+                Ok(m) if !m.is_dir() => format!("{} is a file, not a directory", ancestor.display()),
+                Ok(_) => match probe_write(ancestor) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => format!("{} {}", ancestor.display(), not_writable(&e)),
+                },
+                Err(e) => format!("{} cannot be read ({e})", ancestor.display()),
+            };
+            Err(invalid(
+                KEY,
+                format!(
+                    "{} does not exist and cannot be created: {why}; create it with write \
+                     permission for this user, {choose}",
+                    dir.display()
+                ),
+            ))
+        }
+    }
+}
+
+fn probe_write(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".regcache-write-check-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
+/// Why a directory cannot be written, in words.
+fn not_writable(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => "is not writable by this user".to_owned(),
+        std::io::ErrorKind::ReadOnlyFilesystem => "is on a read-only file system".to_owned(),
+        std::io::ErrorKind::StorageFull => "is on a full file system".to_owned(),
+        _ => format!("cannot be written ({e})"),
+    }
+}
+
+fn fix_dir(e: &std::io::Error, choose: &str) -> String {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            format!("give it to the user regcache runs as (chown), {choose}")
+        }
+        std::io::ErrorKind::ReadOnlyFilesystem => format!("mount it read-write, {choose}"),
+        std::io::ErrorKind::StorageFull => format!("free some space, {choose}"),
+        _ => choose.trim_start_matches("or ").to_owned(),
+    }
+}
+
+/// An upstream URL: http(s) with a host, and a path only as the prefix requests go under
+/// (`https://host/mirror` → `https://host/mirror/v2/…`); nothing that would be dropped
+/// or printed unredacted.
+fn check_upstream_url(key: &str, raw: &str) -> Result<(), ConfigError> {
+    check_url(key, raw)?;
+    let url = url::Url::parse(raw).map_err(|e| invalid(key, format!("{raw:?} is not a URL ({e})")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(
+            key,
+            "must not carry credentials (they would be printed); use username and password_file",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(
+            key,
+            format!("{raw:?} must not have a query or a fragment"),
+        ));
+    }
+    let path = url.path().trim_end_matches('/');
+    if path == "/v2" || path.ends_with("/v2") {
+        return Err(invalid(
+            key,
+            format!("{raw:?} must not end in /v2: regcache adds /v2/ after the URL's path"),
         ));
     }
     Ok(())
@@ -271,4 +446,95 @@ fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
     Ok(Secret::new(text.trim_end_matches(['\r', '\n'])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_at(dir: &Path) -> Config {
+        let mut c = super::super::load(None, Vec::new()).unwrap();
+        c.server.data_dir = dir.to_path_buf();
+        c
+    }
+
+    fn message(e: ConfigError) -> String {
+        match &e {
+            ConfigError::Invalid { key, .. } => assert_eq!(key, "server.data_dir"),
+            other => panic!("unexpected {other}"),
+        }
+        e.to_string()
+    }
+
+    #[test]
+    fn a_usable_data_dir_passes_and_nothing_is_left_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        check_data_dir(&config_at(tmp.path())).unwrap();
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "probe removed");
+        let missing = tmp.path().join("a/b/data");
+        check_data_dir(&config_at(&missing)).unwrap();
+        assert!(!tmp.path().join("a").exists(), "a check creates nothing");
+    }
+
+    #[test]
+    fn a_file_is_not_a_data_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("data");
+        std::fs::write(&file, "x").unwrap();
+        let text = message(check_data_dir(&config_at(&file)).unwrap_err());
+        assert!(
+            text.contains(&format!("{} is a file, not a directory", file.display())),
+            "{text}"
+        );
+        assert!(text.contains("set server.data_dir to a directory"), "{text}");
+        let below = file.join("cache");
+        let text = message(check_data_dir(&config_at(&below)).unwrap_err());
+        for needle in [
+            format!("{} does not exist and cannot be created", below.display()),
+            format!("{} is a file, not a directory", file.display()),
+        ] {
+            assert!(text.contains(&needle), "{needle:?} in {text}");
+        }
+    }
+
+    /// The words for what the kernel says (the binary tests meet the real errors).
+    #[test]
+    fn unwritable_and_read_only_are_said_with_their_fix() {
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let read_only = std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem);
+        assert_eq!(not_writable(&denied), "is not writable by this user");
+        assert!(fix_dir(&denied, "or x").starts_with("give it to the user regcache runs as"));
+        assert_eq!(not_writable(&read_only), "is on a read-only file system");
+        assert!(fix_dir(&read_only, "or x").starts_with("mount it read-write"));
+    }
+
+    fn upstream_url(url: &str) -> Result<String, ConfigError> {
+        let env = vec![(
+            "REGCACHE_UPSTREAM".to_owned(),
+            format!("[{{name = \"m\", url = \"{url}\"}}]"),
+        )];
+        crate::config::load(None, env).map(|c| c.upstream[0].url.clone())
+    }
+
+    #[test]
+    fn upstream_urls_keep_their_path_and_refuse_what_would_be_dropped() {
+        assert_eq!(
+            upstream_url("https://host/mirror/").unwrap(),
+            "https://host/mirror"
+        );
+        assert_eq!(
+            upstream_url("https://host/artifactory/api/docker/remote").unwrap(),
+            "https://host/artifactory/api/docker/remote"
+        );
+        for bad in [
+            "https://user:pw@host",
+            "https://host/mirror?x=1",
+            "https://host/mirror#top",
+            "https://host/v2",
+            "https://host/mirror/v2/",
+        ] {
+            let e = upstream_url(bad).unwrap_err();
+            assert!(e.to_string().contains("upstream[0].url"), "{bad}: {e}");
+        }
+    }
 }

@@ -16,6 +16,9 @@ pub struct RepoSummary {
     pub bytes: u64,
     pub created_at: i64,
     pub last_pulled: i64,
+    /// Pinned tags and manifest links (exempt from expiry, eviction and cleanup).
+    pub pinned_tags: u64,
+    pub pinned_manifests: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -26,6 +29,7 @@ pub struct TagSummary {
     pub size: u64,
     pub created: Option<i64>,
     pub last_pulled: i64,
+    pub pinned: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -40,7 +44,9 @@ const SUMMARY: &str = "SELECT r.upstream, r.name, r.state,
         (SELECT count(*) FROM repo_manifests WHERE repo_id = r.id),
         (SELECT count(*) FROM repo_blobs WHERE repo_id = r.id),
         (SELECT coalesce(sum(b.size_bytes), 0) FROM repo_blobs rb JOIN blobs b ON b.digest = rb.digest WHERE rb.repo_id = r.id),
-        r.created_at, r.last_used_at
+        r.created_at, r.last_used_at,
+        (SELECT count(*) FROM tags WHERE repo_id = r.id AND pinned = 1),
+        (SELECT count(*) FROM repo_manifests WHERE repo_id = r.id AND pinned = 1)
    FROM repositories r";
 
 fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<RepoSummary> {
@@ -55,6 +61,8 @@ fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<RepoSummary> {
         bytes: n(6)?,
         created_at: r.get(7)?,
         last_pulled: r.get(8)?,
+        pinned_tags: n(9)?,
+        pinned_manifests: n(10)?,
     })
 }
 
@@ -78,7 +86,7 @@ impl Metadata {
                 "SELECT t.name, t.digest,
                         m.size_bytes + coalesce((SELECT sum(b.size_bytes) FROM manifest_refs mr JOIN blobs b ON b.digest = mr.ref_digest
                                                   WHERE mr.manifest_digest = m.digest AND mr.kind = 'blob'), 0),
-                        m.created, t.last_used_at
+                        m.created, t.last_used_at, t.pinned
                    FROM tags t JOIN manifests m ON m.digest = t.digest WHERE t.repo_id = ?1 ORDER BY t.name",
             )?;
             let tags = stmt
@@ -89,6 +97,7 @@ impl Metadata {
                         size: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
                         created: r.get(3)?,
                         last_pulled: r.get(4)?,
+                        pinned: r.get(5)?,
                     })
                 })?
                 .collect::<Result<_, _>>()?;

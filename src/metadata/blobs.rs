@@ -151,10 +151,11 @@ pub(super) fn link(
         &format!(
             "INSERT INTO repo_blobs (repo_id, digest, cached_at, last_used_at, expires_at) VALUES (?1, ?2, ?3, ?3, {})
              ON CONFLICT (repo_id, digest) DO UPDATE SET last_used_at = max(last_used_at, excluded.last_used_at),
-                 expires_at = excluded.expires_at, deferred = 0",
+                 expires_at = CASE WHEN pinned = 1 THEN NULL ELSE excluded.expires_at END, deferred = 0",
             expiry_sql("?3", "?1")
         ),
         params![id, digest, now],
     )?;
+    super::pins::pin_new_blob_link(tx, id, digest)?;
     Ok(())
 }

@@ -21,6 +21,8 @@ pub struct TagInfo {
     pub created: Option<i64>,
     pub cached_at: i64,
     pub last_used_at: i64,
+    /// Pinned tags are exempt from cleanup policies.
+    pub pinned: bool,
 }
 
 /// What a compare-and-delete did.
@@ -33,6 +35,8 @@ pub struct TagDeletion {
     pub kept_pulled: Vec<String>,
     /// Already gone.
     pub missing: Vec<String>,
+    /// Pinned since evaluation: kept.
+    pub kept_pinned: Vec<String>,
     pub unlinked: Unlinked,
 }
 
@@ -70,7 +74,7 @@ impl Metadata {
                         coalesce(m.created, (SELECT max(ch.created) FROM manifest_refs r
                                                JOIN manifests ch ON ch.digest = r.ref_digest
                                               WHERE r.manifest_digest = m.digest AND r.kind = 'manifest')),
-                        t.cached_at, t.last_used_at
+                        t.cached_at, t.last_used_at, t.pinned
                    FROM tags t JOIN manifests m ON m.digest = t.digest
                   WHERE t.repo_id = ?1 ORDER BY t.name",
             )?;
@@ -81,6 +85,7 @@ impl Metadata {
                     created: r.get(2)?,
                     cached_at: r.get(3)?,
                     last_used_at: r.get(4)?,
+                    pinned: r.get(5)?,
                 })
             })?;
             Ok(Some(rows.collect::<Result<_, _>>()?))
@@ -116,7 +121,8 @@ impl Metadata {
                 // Uses are recorded in whole seconds: one in the second of the evaluation may
                 // have come after it, so it counts as a pull since evaluation.
                 let n = tx.execute(
-                    "DELETE FROM tags WHERE repo_id = ?1 AND name = ?2 AND digest = ?3 AND last_used_at < ?4",
+                    "DELETE FROM tags WHERE repo_id = ?1 AND name = ?2 AND digest = ?3 AND last_used_at < ?4
+                        AND pinned = 0",
                     params![id, name, digest, evaluated_at],
                 )?;
                 if n > 0 {
@@ -124,15 +130,16 @@ impl Metadata {
                     freed.push(digest);
                     continue;
                 }
-                let now_points: Option<(String, i64)> = tx
+                let now_points: Option<(String, bool)> = tx
                     .query_row(
-                        "SELECT digest, last_used_at FROM tags WHERE repo_id = ?1 AND name = ?2",
+                        "SELECT digest, pinned FROM tags WHERE repo_id = ?1 AND name = ?2",
                         params![id, name],
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     )
                     .ok();
                 match now_points {
                     Some((d, _)) if d != digest => out.kept_moved.push(name),
+                    Some((_, true)) => out.kept_pinned.push(name),
                     Some(_) => out.kept_pulled.push(name),
                     None => out.missing.push(name),
                 }
@@ -169,7 +176,12 @@ impl Metadata {
                         let rows = stmt.query_map([&m], |r| r.get(0))?;
                         rows.collect::<Result<_, _>>()?
                     };
-                    if tx.execute("DELETE FROM repo_manifests WHERE repo_id = ?1 AND digest = ?2", params![id, m])? > 0 {
+                    // A pinned manifest (by digest, or below a pinned index) stays linked.
+                    if tx.execute(
+                        "DELETE FROM repo_manifests WHERE repo_id = ?1 AND digest = ?2 AND pinned = 0",
+                        params![id, m],
+                    )? > 0
+                    {
                         out.unlinked.manifests += 1;
                     }
                     for b in blobs {
@@ -181,7 +193,10 @@ impl Metadata {
                             |r| r.get(0),
                         )?;
                         if !still_named
-                            && tx.execute("DELETE FROM repo_blobs WHERE repo_id = ?1 AND digest = ?2", params![id, b])? > 0
+                            && tx.execute(
+                                "DELETE FROM repo_blobs WHERE repo_id = ?1 AND digest = ?2 AND pinned = 0",
+                                params![id, b],
+                            )? > 0
                         {
                             out.unlinked.blob_links += 1;
                         }

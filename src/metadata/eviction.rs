@@ -40,6 +40,13 @@ impl Metadata {
                     "SELECT digest, size_bytes FROM blobs b
                       WHERE NOT EXISTS (SELECT 1 FROM pending_deletes p WHERE p.digest = b.digest)
                         AND NOT EXISTS (SELECT 1 FROM import_blobs i WHERE i.digest = b.digest)
+                        -- Pinned images are exempt: neither a blob a pinned link holds nor
+                        -- one a pinned manifest names (evicting it would unlink that manifest).
+                        AND NOT EXISTS (SELECT 1 FROM repo_blobs rb INDEXED BY repo_blobs_pinned
+                                         WHERE rb.digest = b.digest AND rb.pinned = 1)
+                        AND NOT EXISTS (SELECT 1 FROM manifest_refs mr
+                                          JOIN repo_manifests rm ON rm.digest = mr.manifest_digest AND rm.pinned = 1
+                                         WHERE mr.ref_digest = b.digest AND mr.kind = 'blob')
                       ORDER BY last_used_at LIMIT ?1",
                 )?;
                 let rows = stmt.query_map([CANDIDATES], |r| Ok((r.get(0)?, r.get(1)?)))?;

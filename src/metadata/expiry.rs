@@ -19,6 +19,8 @@ pub struct ExpiryReport {
     pub postponed: u64,
     /// A due query hit the batch limit: more may be due right now.
     pub more: bool,
+    /// Cached referrers answers removed (`Metadata::expire_referrers`, its own batches).
+    pub referrers: u64,
 }
 
 impl ExpiryReport {

@@ -186,6 +186,11 @@ impl Metadata {
             for (subject, descriptor) in &image.referrers {
                 add_referrer(tx, repo_id, subject, descriptor, now)?;
             }
+            // Pins already made for the repository apply to what is imported, as to what
+            // is pulled.
+            if super::pins::has_pins(tx, &image.repo)? {
+                super::pins::refresh(tx, repo_id, &image.repo, now)?;
+            }
             tx.execute(
                 "UPDATE imports SET heartbeat_at = max(heartbeat_at, ?2) WHERE id = ?1",
                 params![import, now],

@@ -183,6 +183,18 @@ impl Metadata {
         .await
     }
 
+    /// Records a running job's progress (the heartbeat keeps the lease).
+    pub async fn set_job_progress(&self, id: i64, progress: Value, now: i64) -> Result<(), MetadataError> {
+        self.write(move |tx| {
+            tx.execute(
+                "UPDATE jobs SET progress = ?2, updated_at = ?3 WHERE id = ?1 AND state = 'running'",
+                params![id, progress.to_string(), now],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Records how a run ended. Every job reaches a terminal state: errors are retried
     /// with backoff until `max_attempts`, then the job is `failed` with its error.
     pub async fn finish_job(

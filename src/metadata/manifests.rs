@@ -89,6 +89,11 @@ impl Metadata {
             if let Some(tag) = tag {
                 set_tag(tx, id, &tag, &m.digest, now)?;
             }
+            // A pinned image's manifests arrive one by one (an index, then its children):
+            // each takes its pin as it is cached.
+            if super::pins::has_pins(tx, &repo)? {
+                super::pins::refresh(tx, id, &repo, now)?;
+            }
             Ok(())
         })
         .await
@@ -154,7 +159,7 @@ pub(super) fn cache_manifest(
             "INSERT INTO repo_manifests (repo_id, digest, cached_at, last_used_at, expires_at)
              VALUES (?1, ?2, ?3, ?3, {})
              ON CONFLICT (repo_id, digest) DO UPDATE SET last_used_at = max(last_used_at, excluded.last_used_at),
-                 expires_at = excluded.expires_at, deferred = 0",
+                 expires_at = CASE WHEN pinned = 1 THEN NULL ELSE excluded.expires_at END, deferred = 0",
             expiry_sql("?3", "?1")
         ),
         params![repo_id, m.digest, now],
@@ -176,7 +181,8 @@ pub(super) fn set_tag(
              VALUES (?1, ?2, ?3, ?4, ?4, {})
              ON CONFLICT (repo_id, name) DO UPDATE SET digest = excluded.digest,
                 cached_at = CASE WHEN digest = excluded.digest THEN cached_at ELSE excluded.cached_at END,
-                last_used_at = excluded.last_used_at, expires_at = excluded.expires_at, deferred = 0",
+                last_used_at = excluded.last_used_at,
+                expires_at = CASE WHEN pinned = 1 THEN NULL ELSE excluded.expires_at END, deferred = 0",
             expiry_sql("?4", "?1")
         ),
         params![repo_id, tag, digest, now],

@@ -30,8 +30,18 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (
         7,
-        "0007_imports.sql",
-        include_str!("../../schema/0007_imports.sql"),
+        "0007_referrers_expiry.sql",
+        include_str!("../../schema/0007_referrers_expiry.sql"),
+    ),
+    (
+        8,
+        "0008_pins_and_prefetch.sql",
+        include_str!("../../schema/0008_pins_and_prefetch.sql"),
+    ),
+    (
+        9,
+        "0009_imports.sql",
+        include_str!("../../schema/0009_imports.sql"),
     ),
 ];
 
@@ -247,6 +257,92 @@ mod tests {
             .query_row("SELECT count(*) FROM stale_uploads", [], |r| r.get(0))
             .unwrap();
         assert_eq!(stale, 0);
+    }
+
+    #[test]
+    fn version_7_gives_stored_referrers_answers_their_upstreams_ttl() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 6).unwrap();
+        conn.execute_batch(
+            "INSERT INTO upstream_settings (upstream, ttl_secs, applied_at) VALUES ('a', 100, 0), ('b', 0, 0);
+             INSERT INTO repositories (id, upstream, name, created_at, last_used_at) VALUES (1, 'a', 'r', 0, 0), (2, 'b', 'r', 0, 0);
+             INSERT INTO referrers (repo_id, digest, artifact_type, media_type, body, fetched_at)
+               VALUES (1, 'sha256:s', '', 'x', x'00', 40), (2, 'sha256:s', '', 'x', x'00', 40);",
+        )
+        .unwrap();
+        assert_eq!(migrate_to(&mut conn, 7).unwrap(), 1);
+        let expiry: Vec<Option<i64>> = conn
+            .prepare("SELECT expires_at FROM referrers ORDER BY repo_id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(expiry, [Some(140), None], "ttl 100 from fetched_at; ttl 0: never");
+    }
+
+    #[test]
+    fn version_8_keeps_jobs_and_their_deletes_and_leaves_every_entry_unpinned() {
+        let mut conn = version_4_with_an_image();
+        migrate_to(&mut conn, 7).unwrap();
+        conn.execute_batch(
+            "INSERT INTO jobs (id, kind, args, state, max_attempts, run_after, created_at, updated_at, dedupe_key)
+                 VALUES (3, 'purge', '{}', 'running', 5, 10, 10, 10, 'k');
+             INSERT INTO job_deletes (job_id, digest) VALUES (3, 'sha256:old');",
+        )
+        .unwrap();
+        let jobs = |c: &Connection| -> Vec<String> {
+            let mut stmt = c.prepare("SELECT * FROM jobs ORDER BY id").unwrap();
+            let width = stmt.column_count();
+            let mut q = stmt.query([]).unwrap();
+            let mut out = Vec::new();
+            while let Some(r) = q.next().unwrap() {
+                let values: Vec<rusqlite::types::Value> = (0..width).map(|i| r.get(i).unwrap()).collect();
+                out.push(format!("{values:?}"));
+            }
+            out
+        };
+        let before = jobs(&conn);
+        assert_eq!(migrate_to(&mut conn, 8).unwrap(), 1);
+        assert_eq!(jobs(&conn), before);
+        // The rebuilt table takes the new kind, still refuses unknown ones, and job_deletes
+        // still refers to it (deleting the job takes its rows).
+        conn.execute(
+            "INSERT INTO jobs (kind, args, state, max_attempts, run_after, created_at, updated_at)
+             VALUES ('prefetch', '{}', 'queued', 5, 10, 10, 10)",
+            [],
+        )
+        .unwrap();
+        assert!(conn
+            .execute(
+                "INSERT INTO jobs (kind, args, state, max_attempts, run_after, created_at, updated_at)
+                 VALUES ('bogus', '{}', 'queued', 5, 10, 10, 10)",
+                [],
+            )
+            .is_err());
+        // A second running job with the same key is still refused.
+        assert!(conn
+            .execute(
+                "INSERT INTO jobs (kind, args, state, max_attempts, run_after, created_at, updated_at, dedupe_key)
+                 VALUES ('purge', '{}', 'queued', 5, 10, 10, 10, 'k')",
+                [],
+            )
+            .is_err());
+        conn.execute("DELETE FROM jobs WHERE id = 3", []).unwrap();
+        let left: i64 = conn
+            .query_row("SELECT count(*) FROM job_deletes", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+        for table in ["tags", "repo_manifests", "repo_blobs"] {
+            let pinned: i64 = conn
+                .query_row(
+                    &format!("SELECT count(*) FROM {table} WHERE pinned != 0"),
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(pinned, 0, "{table}");
+        }
     }
 
     #[test]

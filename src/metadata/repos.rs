@@ -87,7 +87,7 @@ impl Metadata {
             let mut blob_stmt = tx.prepare_cached(
                 &format!(
                     "UPDATE repo_blobs SET last_used_at = max(last_used_at, ?4), deferred = 0,
-                            expires_at = {}
+                            expires_at = CASE WHEN pinned = 1 THEN NULL ELSE {} END
                       WHERE digest = ?3 AND repo_id = (SELECT id FROM repositories WHERE upstream = ?1 AND name = ?2)",
                     expiry_sql("max(repo_blobs.last_used_at, ?4)", "repo_blobs.repo_id")
                 ),
@@ -97,7 +97,7 @@ impl Metadata {
             let mut manifest_stmt = tx.prepare_cached(
                 &format!(
                     "UPDATE repo_manifests SET last_used_at = max(last_used_at, ?4), deferred = 0,
-                            expires_at = {}
+                            expires_at = CASE WHEN pinned = 1 THEN NULL ELSE {} END
                       WHERE digest = ?3 AND repo_id = (SELECT id FROM repositories WHERE upstream = ?1 AND name = ?2)",
                     expiry_sql("max(repo_manifests.last_used_at, ?4)", "repo_manifests.repo_id")
                 ),
@@ -105,7 +105,7 @@ impl Metadata {
             let mut tag_stmt = tx.prepare_cached(
                 &format!(
                     "UPDATE tags SET last_used_at = max(last_used_at, ?4), deferred = 0,
-                            expires_at = {}
+                            expires_at = CASE WHEN pinned = 1 THEN NULL ELSE {} END
                       WHERE name = ?3 AND repo_id = (SELECT id FROM repositories WHERE upstream = ?1 AND name = ?2)",
                     expiry_sql("max(tags.last_used_at, ?4)", "tags.repo_id")
                 ),

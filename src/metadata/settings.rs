@@ -115,7 +115,7 @@ fn apply(tx: &Transaction<'_>, s: &AppliedSettings, now: i64) -> Result<Settings
             for table in ENTRY_TABLES {
                 let sql = format!(
                     "UPDATE {table} SET expires_at = {expires}
-                      WHERE deferred = 0 AND repo_id IN (SELECT id FROM repositories WHERE upstream = ?1)"
+                      WHERE deferred = 0 AND pinned = 0 AND repo_id IN (SELECT id FROM repositories WHERE upstream = ?1)"
                 );
                 n += if uses_now {
                     tx.execute(&sql, params![upstream, now])?
@@ -123,7 +123,21 @@ fn apply(tx: &Transaction<'_>, s: &AppliedSettings, now: i64) -> Result<Settings
                     tx.execute(&sql, params![upstream])?
                 } as u64;
             }
-            if old != *ttl {
+            // Stored referrers answers count from when they were fetched.
+            let referrers_expire = if *ttl == 0 {
+                "NULL".to_owned()
+            } else {
+                format!("fetched_at + {ttl}")
+            };
+            tx.execute(
+                &format!(
+                    "UPDATE referrers SET expires_at = {referrers_expire}
+                      WHERE repo_id IN (SELECT id FROM repositories WHERE upstream = ?1)"
+                ),
+                params![upstream],
+            )?;
+            // A first start (nothing applied, nothing cached) changes nothing worth saying.
+            if old != *ttl && (known || n > 0) {
                 change.ttl_changes.push((upstream.clone(), old, *ttl, n));
             }
         }

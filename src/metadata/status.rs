@@ -34,6 +34,14 @@ pub struct Status {
     /// Multipart uploads on record: in flight, or left open by a failed write or a crash
     /// until reconciliation has aborted them.
     pub open_uploads: u64,
+    /// Pins on record, and how many of them name nothing cached yet.
+    pub pins: u64,
+    pub pins_not_cached: u64,
+    /// Rows pinned (exempt from expiry, eviction and cleanup), and the distinct blobs
+    /// pinned links hold.
+    pub pinned_tags: u64,
+    pub pinned_manifests: u64,
+    pub pinned_blobs: CountBytes,
     pub ttls: Vec<(String, i64)>,
     pub delete_enabled: bool,
 }
@@ -93,6 +101,23 @@ impl Metadata {
                     c,
                     "SELECT (SELECT count(*) FROM write_intents WHERE upload_id IS NOT NULL)
                           + (SELECT count(*) FROM stale_uploads)",
+                )?,
+                pins: count(c, "SELECT count(*) FROM pins")?,
+                pins_not_cached: count(
+                    c,
+                    "SELECT count(*) FROM pins p
+                      WHERE NOT EXISTS (SELECT 1 FROM repositories r JOIN tags t ON t.repo_id = r.id
+                                         WHERE r.upstream = p.upstream AND r.name = p.repo AND t.name = p.reference)
+                        AND NOT EXISTS (SELECT 1 FROM repositories r JOIN repo_manifests rm ON rm.repo_id = r.id
+                                         WHERE r.upstream = p.upstream AND r.name = p.repo AND rm.digest = p.reference)",
+                )?,
+                pinned_tags: count(c, "SELECT count(*) FROM tags WHERE pinned = 1")?,
+                pinned_manifests: count(c, "SELECT count(*) FROM repo_manifests WHERE pinned = 1")?,
+                // The partial index lists the few pinned links; the blobs are looked up by key.
+                pinned_blobs: count_bytes(
+                    c,
+                    "SELECT count(*), coalesce(sum(size_bytes), 0) FROM blobs
+                      WHERE digest IN (SELECT digest FROM repo_blobs WHERE pinned = 1)",
                 )?,
                 ttls,
                 delete_enabled,

@@ -1,18 +1,9 @@
-//! Tags, tag lists and cached referrers answers.
+//! Tags and tag lists.
 
 use super::manifests::{manifest_by_digest, ManifestRecord};
 use super::repos::{ensure_repo, repo_id, RepoKey};
 use super::{Metadata, MetadataError};
-use bytes::Bytes;
 use rusqlite::{params, OptionalExtension};
-
-/// A cached referrers answer.
-#[derive(Debug, Clone)]
-pub struct ReferrersRecord {
-    pub media_type: String,
-    pub body: Bytes,
-    pub filters_applied: Option<String>,
-}
 
 /// A tag and the manifest it points at.
 #[derive(Debug, Clone)]
@@ -82,58 +73,6 @@ impl Metadata {
                 "INSERT INTO tag_lists (repo_id, names, fetched_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (repo_id) DO UPDATE SET names = excluded.names, fetched_at = excluded.fetched_at",
                 params![id, json, now],
-            )?;
-            Ok(())
-        })
-        .await
-    }
-
-    pub async fn referrers(
-        &self,
-        repo: &RepoKey,
-        digest: &str,
-        artifact_type: &str,
-    ) -> Result<Option<ReferrersRecord>, MetadataError> {
-        let (repo, digest, artifact_type) = (repo.clone(), digest.to_owned(), artifact_type.to_owned());
-        self.read(move |c| {
-            let Some(id) = repo_id(c, &repo)? else {
-                return Ok(None);
-            };
-            Ok(super::row(
-                c,
-                "SELECT media_type, body, filters_applied FROM referrers
-                  WHERE repo_id = ?1 AND digest = ?2 AND artifact_type = ?3",
-                params![id, digest, artifact_type],
-                |r| {
-                    Ok(ReferrersRecord {
-                        media_type: r.get(0)?,
-                        body: Bytes::from(r.get::<_, Vec<u8>>(1)?),
-                        filters_applied: r.get(2)?,
-                    })
-                },
-            )
-            .optional()?)
-        })
-        .await
-    }
-
-    pub async fn store_referrers(
-        &self,
-        repo: &RepoKey,
-        digest: &str,
-        artifact_type: &str,
-        record: ReferrersRecord,
-        now: i64,
-    ) -> Result<(), MetadataError> {
-        let (repo, digest, artifact_type) = (repo.clone(), digest.to_owned(), artifact_type.to_owned());
-        self.write(move |tx| {
-            let id = ensure_repo(tx, &repo, now)?;
-            tx.execute(
-                "INSERT INTO referrers (repo_id, digest, artifact_type, media_type, body, filters_applied, fetched_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (repo_id, digest, artifact_type) DO UPDATE SET media_type = excluded.media_type,
-                    body = excluded.body, filters_applied = excluded.filters_applied, fetched_at = excluded.fetched_at",
-                params![id, digest, artifact_type, record.media_type, &record.body[..], record.filters_applied, now],
             )?;
             Ok(())
         })

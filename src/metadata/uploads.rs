@@ -3,23 +3,31 @@
 //! upload until reconciliation has aborted it.
 
 use super::{Metadata, MetadataError};
-use crate::storage::OpenUpload;
 use rusqlite::{params, Transaction};
+
+/// A multipart upload as SQLite records it: the object key and the store's upload id.
+/// Metadata's own type, so this layer does not depend on `storage` (the caller, which
+/// knows both, builds one from the other's `storage::OpenUpload`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRecord {
+    pub key: String,
+    pub id: String,
+}
 
 /// A stale upload and how its aborts went so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaleUpload {
-    pub upload: OpenUpload,
+    pub upload: UploadRecord,
     pub attempts: i64,
 }
 
 impl Metadata {
     /// Records `upload` on the write intent `intent`, before any part is sent.
-    pub async fn record_upload(&self, intent: i64, upload: OpenUpload) -> Result<(), MetadataError> {
+    pub async fn record_upload(&self, intent: i64, key: String, id: String) -> Result<(), MetadataError> {
         self.write(move |tx| {
             tx.execute(
                 "UPDATE write_intents SET upload_key = ?2, upload_id = ?3 WHERE id = ?1",
-                params![intent, upload.key, upload.id],
+                params![intent, key, id],
             )?;
             Ok(())
         })
@@ -35,7 +43,7 @@ impl Metadata {
             )?;
             let rows = stmt.query_map([limit], |r| {
                 Ok(StaleUpload {
-                    upload: OpenUpload {
+                    upload: UploadRecord {
                         key: r.get(0)?,
                         id: r.get(1)?,
                     },
@@ -48,7 +56,7 @@ impl Metadata {
     }
 
     /// An upload is aborted (or the store no longer knows it): nothing left to do.
-    pub async fn forget_stale_upload(&self, upload: OpenUpload) -> Result<(), MetadataError> {
+    pub async fn forget_stale_upload(&self, upload: UploadRecord) -> Result<(), MetadataError> {
         self.write(move |tx| {
             tx.execute(
                 "DELETE FROM stale_uploads WHERE upload_key = ?1 AND upload_id = ?2",
@@ -60,7 +68,11 @@ impl Metadata {
     }
 
     /// Aborting `upload` failed with `error`; the next pass tries again.
-    pub async fn stale_upload_failed(&self, upload: OpenUpload, error: String) -> Result<(), MetadataError> {
+    pub async fn stale_upload_failed(
+        &self,
+        upload: UploadRecord,
+        error: String,
+    ) -> Result<(), MetadataError> {
         self.write(move |tx| {
             tx.execute(
                 "UPDATE stale_uploads SET attempts = attempts + 1, last_error = ?3
@@ -93,14 +105,14 @@ mod tests {
     use super::*;
     use crate::metadata::now_secs;
 
-    fn upload(n: u32) -> OpenUpload {
-        OpenUpload {
+    fn upload(n: u32) -> UploadRecord {
+        UploadRecord {
             key: format!("blobs/sha256/aa/{n}"),
             id: format!("upload-{n}"),
         }
     }
 
-    async fn keys(meta: &Metadata) -> Vec<OpenUpload> {
+    async fn keys(meta: &Metadata) -> Vec<UploadRecord> {
         let mut v: Vec<_> = meta
             .stale_uploads(100)
             .await
@@ -124,7 +136,8 @@ mod tests {
         {
             let intent = meta.begin_write(digest, now).await.unwrap().unwrap();
             if n < 3 {
-                meta.record_upload(intent, upload(n as u32)).await.unwrap();
+                let u = upload(n as u32);
+                meta.record_upload(intent, u.key, u.id).await.unwrap();
             }
             intents.push(intent);
         }
@@ -162,7 +175,8 @@ mod tests {
         assert!(keys(&meta).await.is_empty());
         // Recorded twice (a second restart before the abort) is one stale upload.
         let intent = meta.begin_write("sha256:e", now).await.unwrap().unwrap();
-        meta.record_upload(intent, upload(4)).await.unwrap();
+        let u = upload(4);
+        meta.record_upload(intent, u.key, u.id).await.unwrap();
         meta.abandon_write(intent).await.unwrap();
         meta.reset_after_restart().await.unwrap();
         assert_eq!(keys(&meta).await, vec![upload(4)]);

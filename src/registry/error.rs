@@ -70,22 +70,95 @@ impl ErrorCode {
     }
 }
 
+/// An error answer. `message` is what the client reads: about its own request, or a plain
+/// sentence; internal text (paths, SQL, I/O messages, upstream URLs and bodies) only ever
+/// goes to the log, under `error_id`, which the answer carries too.
 #[derive(Debug)]
 pub struct RegistryError {
     pub code: ErrorCode,
     pub status: StatusCode,
     pub message: String,
+    /// Set when details were logged instead of sent: the id of that log line.
+    pub error_id: Option<String>,
     headers: Vec<(HeaderName, HeaderValue)>,
 }
 
+/// How loudly a withheld error is logged.
+#[derive(Debug, Clone, Copy)]
+enum Severity {
+    /// A fault of regcache or its machine: a 500.
+    Internal,
+    /// The upstream failed or refused.
+    Upstream,
+    /// An ordinary "not found" from the upstream.
+    Quiet,
+    /// The upstream cannot be reached: warned about once per upstream and cause
+    /// (`upstream::warn_unavailable`), so each request's line is only informational.
+    Unavailable,
+}
+
 impl RegistryError {
+    /// An error about the client's own request; `message` may quote its input.
     pub fn new(code: ErrorCode, status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             code,
             status,
             message: message.into(),
+            error_id: None,
             headers: Vec::new(),
         }
+    }
+
+    /// An error whose `detail` is logged (once, here) under a fresh id; the client gets
+    /// `message` and the id.
+    fn withheld(
+        code: ErrorCode,
+        status: StatusCode,
+        message: &str,
+        severity: Severity,
+        detail: &dyn std::fmt::Display,
+    ) -> Self {
+        let error_id = crate::cache::new_error_id();
+        match severity {
+            Severity::Internal => {
+                tracing::error!(error.id = %error_id, http.status = status.as_u16(), error = %detail, "internal error")
+            }
+            Severity::Upstream => {
+                tracing::warn!(error.id = %error_id, http.status = status.as_u16(), error = %detail, "upstream error")
+            }
+            Severity::Unavailable => {
+                tracing::info!(error.id = %error_id, http.status = status.as_u16(), error = %detail, "upstream unavailable")
+            }
+            Severity::Quiet => {
+                tracing::debug!(error.id = %error_id, http.status = status.as_u16(), error = %detail, "upstream error")
+            }
+        }
+        Self::with_id(code, status, message, error_id)
+    }
+
+    /// An answer for an error already logged under `error_id`.
+    fn with_id(code: ErrorCode, status: StatusCode, message: &str, error_id: String) -> Self {
+        Self {
+            message: format!("{message} (error id {error_id})"),
+            error_id: Some(error_id),
+            ..Self::new(code, status, "")
+        }
+    }
+
+    /// A request that panicked: logged here with the panic's message, answered 500.
+    pub(super) fn panicked(payload: &(dyn std::any::Any + Send), method: &str, path: &str) -> Self {
+        let error_id = crate::cache::new_error_id();
+        tracing::error!(
+            error.id = %error_id, http.method = %method, http.path = %path,
+            panic.message = %crate::cache::panic_message(payload),
+            "request panicked; it alone fails"
+        );
+        Self::with_id(
+            ErrorCode::Unknown,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            INTERNAL,
+            error_id,
+        )
     }
 
     fn with_header(mut self, name: HeaderName, value: &str) -> Self {
@@ -127,6 +200,9 @@ impl RegistryError {
     }
 }
 
+/// The message of every 500.
+const INTERNAL: &str = "internal error; the server log has the details under this error id";
+
 impl From<RouteError> for RegistryError {
     fn from(e: RouteError) -> Self {
         match e {
@@ -138,11 +214,27 @@ impl From<RouteError> for RegistryError {
 }
 
 impl From<UpstreamError> for RegistryError {
+    /// The upstream's own message and body, and the URLs and network errors in `e`, stay
+    /// in the log: they may name internal hosts or carry whatever the upstream put there.
     fn from(e: UpstreamError) -> Self {
-        let message = e.to_string();
+        use Severity::{Quiet, Unavailable, Upstream};
+        let withheld =
+            |code, status, message: &str, severity| Self::withheld(code, status, message, severity, &e);
         match &e {
             UpstreamError::Unreachable { .. } | UpstreamError::Timeout { .. } => {
-                Self::new(ErrorCode::Unavailable, StatusCode::SERVICE_UNAVAILABLE, message)
+                // The operator's WARN is rate-limited per upstream and cause; the line
+                // carrying this request's error id is at info.
+                crate::upstream::warn_unavailable(&e);
+                let message = match &e {
+                    UpstreamError::Timeout { .. } => "the upstream registry did not answer in time",
+                    _ => "the upstream registry cannot be reached",
+                };
+                withheld(
+                    ErrorCode::Unavailable,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    message,
+                    Unavailable,
+                )
             }
             UpstreamError::Status {
                 status,
@@ -152,19 +244,39 @@ impl From<UpstreamError> for RegistryError {
             } => {
                 let known = code.as_deref().and_then(ErrorCode::from_upstream);
                 let err = match *status {
-                    429 => Self::new(ErrorCode::TooManyRequests, StatusCode::TOO_MANY_REQUESTS, message),
-                    401 => Self::new(ErrorCode::Unauthorized, StatusCode::UNAUTHORIZED, message),
-                    403 => Self::new(ErrorCode::Denied, StatusCode::FORBIDDEN, message),
-                    404 => Self::new(
-                        known.unwrap_or(ErrorCode::NameUnknown),
-                        StatusCode::NOT_FOUND,
-                        message,
+                    429 => withheld(
+                        ErrorCode::TooManyRequests,
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "the upstream registry is limiting requests; retry later",
+                        Upstream,
                     ),
-                    s if s >= 500 => Self::new(ErrorCode::Unavailable, StatusCode::BAD_GATEWAY, message),
-                    s => Self::new(
+                    401 => withheld(
+                        ErrorCode::Unauthorized,
+                        StatusCode::UNAUTHORIZED,
+                        "the upstream registry asks for authentication",
+                        Upstream,
+                    ),
+                    403 => withheld(
+                        ErrorCode::Denied,
+                        StatusCode::FORBIDDEN,
+                        "the upstream registry denied access",
+                        Upstream,
+                    ),
+                    404 => {
+                        let code = known.unwrap_or(ErrorCode::NameUnknown);
+                        withheld(code, StatusCode::NOT_FOUND, not_found_message(code), Quiet)
+                    }
+                    s if s >= 500 => withheld(
+                        ErrorCode::Unavailable,
+                        StatusCode::BAD_GATEWAY,
+                        &format!("the upstream registry failed (HTTP {s})"),
+                        Upstream,
+                    ),
+                    s => withheld(
                         known.unwrap_or(ErrorCode::Unknown),
                         StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY),
-                        message,
+                        &format!("the upstream registry refused the request (HTTP {s})"),
+                        Upstream,
                     ),
                 };
                 match retry_after {
@@ -172,12 +284,35 @@ impl From<UpstreamError> for RegistryError {
                     None => err,
                 }
             }
-            UpstreamError::Auth { .. } => Self::new(ErrorCode::Denied, StatusCode::FORBIDDEN, message),
-            UpstreamError::TooLarge { .. } => {
-                Self::new(ErrorCode::ManifestInvalid, StatusCode::BAD_GATEWAY, message)
-            }
-            UpstreamError::Invalid { .. } => Self::new(ErrorCode::Unknown, StatusCode::BAD_GATEWAY, message),
+            UpstreamError::Auth { .. } => withheld(
+                ErrorCode::Denied,
+                StatusCode::FORBIDDEN,
+                "authentication with the upstream registry failed",
+                Upstream,
+            ),
+            UpstreamError::TooLarge { limit_bytes, .. } => withheld(
+                ErrorCode::ManifestInvalid,
+                StatusCode::BAD_GATEWAY,
+                &format!("the upstream registry sent an answer larger than {limit_bytes} bytes"),
+                Upstream,
+            ),
+            UpstreamError::Invalid { .. } => withheld(
+                ErrorCode::Unknown,
+                StatusCode::BAD_GATEWAY,
+                "the upstream registry sent an invalid answer",
+                Upstream,
+            ),
         }
+    }
+}
+
+/// The distribution spec's wording for a "not found" code.
+fn not_found_message(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::BlobUnknown => "blob unknown to registry",
+        ErrorCode::ManifestUnknown => "manifest unknown",
+        ErrorCode::NameUnknown => "repository name not known to registry",
+        _ => "not found",
     }
 }
 
@@ -186,6 +321,7 @@ impl From<CacheError> for RegistryError {
         let message = e.to_string();
         match e {
             CacheError::Upstream(u) => u.into(),
+            // regcache's own words about the client's request.
             CacheError::BlobUnknown { .. } => {
                 Self::new(ErrorCode::BlobUnknown, StatusCode::NOT_FOUND, message)
             }
@@ -194,15 +330,6 @@ impl From<CacheError> for RegistryError {
             }
             CacheError::NameUnknown { .. } | CacheError::RepositoryDeleting { .. } => {
                 Self::new(ErrorCode::NameUnknown, StatusCode::NOT_FOUND, message)
-            }
-            CacheError::DigestMismatch { .. } => {
-                Self::new(ErrorCode::DigestInvalid, StatusCode::BAD_GATEWAY, message)
-            }
-            CacheError::Truncated { .. } => {
-                Self::new(ErrorCode::Unavailable, StatusCode::BAD_GATEWAY, message)
-            }
-            CacheError::ManifestInvalid(_) => {
-                Self::new(ErrorCode::ManifestInvalid, StatusCode::BAD_GATEWAY, message)
             }
             CacheError::RangeNotSatisfiable { size } => Self::new(
                 ErrorCode::RangeInvalid,
@@ -213,11 +340,42 @@ impl From<CacheError> for RegistryError {
             CacheError::ShuttingDown => {
                 Self::new(ErrorCode::Unavailable, StatusCode::SERVICE_UNAVAILABLE, message)
             }
-            CacheError::Metadata(_) | CacheError::Storage(_) | CacheError::Io(_) => {
-                // Logged once, here, where it becomes a 500.
-                tracing::error!(error = %message, "internal error");
-                Self::new(ErrorCode::Unknown, StatusCode::INTERNAL_SERVER_ERROR, message)
-            }
+            // What the upstream sent was wrong; the text names digests and sizes only.
+            CacheError::DigestMismatch { .. } => Self::withheld(
+                ErrorCode::DigestInvalid,
+                StatusCode::BAD_GATEWAY,
+                &message,
+                Severity::Upstream,
+                &message,
+            ),
+            CacheError::Truncated { .. } => Self::withheld(
+                ErrorCode::Unavailable,
+                StatusCode::BAD_GATEWAY,
+                &message,
+                Severity::Upstream,
+                &message,
+            ),
+            CacheError::ManifestInvalid(_) => Self::withheld(
+                ErrorCode::ManifestInvalid,
+                StatusCode::BAD_GATEWAY,
+                "the upstream registry sent an invalid manifest",
+                Severity::Upstream,
+                &message,
+            ),
+            CacheError::Metadata(_) | CacheError::Storage(_) | CacheError::Io(_) => Self::withheld(
+                ErrorCode::Unknown,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                INTERNAL,
+                Severity::Internal,
+                &message,
+            ),
+            // Logged where it was caught, under this id.
+            CacheError::Panicked { error_id } => Self::with_id(
+                ErrorCode::Unknown,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                INTERNAL,
+                error_id,
+            ),
         }
     }
 }
@@ -231,6 +389,13 @@ struct Body<'a> {
 struct Item<'a> {
     code: ErrorCode,
     message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<Detail<'a>>,
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    error_id: &'a str,
 }
 
 impl IntoResponse for RegistryError {
@@ -239,6 +404,7 @@ impl IntoResponse for RegistryError {
             errors: [Item {
                 code: self.code,
                 message: &self.message,
+                detail: self.error_id.as_deref().map(|error_id| Detail { error_id }),
             }],
         })
         .unwrap_or_default();
@@ -292,5 +458,64 @@ mod tests {
         assert_eq!(e.code, ErrorCode::TooManyRequests);
         let resp = e.into_response();
         assert_eq!(resp.headers().get("retry-after").unwrap(), "30");
+    }
+
+    #[test]
+    fn internal_and_upstream_text_stays_in_the_log() {
+        let secret = "/var/lib/regcache/store/blobs SELECT * FROM blobs http://10.1.2.3:5000/v2/x";
+        let errors: Vec<RegistryError> = vec![
+            CacheError::from(std::io::Error::other(secret)).into(),
+            UpstreamError::Unreachable {
+                upstream: "u".into(),
+                message: secret.into(),
+            }
+            .into(),
+            UpstreamError::Status {
+                upstream: "u".into(),
+                status: 500,
+                code: Some("UNKNOWN".into()),
+                message: secret.into(),
+                retry_after: None,
+            }
+            .into(),
+            UpstreamError::Status {
+                upstream: "u".into(),
+                status: 404,
+                code: Some("MANIFEST_UNKNOWN".into()),
+                message: secret.into(),
+                retry_after: None,
+            }
+            .into(),
+            UpstreamError::Invalid {
+                upstream: "u".into(),
+                message: secret.into(),
+            }
+            .into(),
+            UpstreamError::Auth {
+                upstream: "u".into(),
+                message: secret.into(),
+            }
+            .into(),
+            CacheError::ManifestInvalid(secret.into()).into(),
+        ];
+        for e in errors {
+            let id = e.error_id.clone().expect("an error id");
+            let (status, code) = (e.status, e.code);
+            let resp = e.into_response();
+            let body = futures::executor::block_on(axum::body::to_bytes(resp.into_body(), 1 << 20)).unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let text = json.to_string();
+            for internal in ["/var/lib", "SELECT", "10.1.2.3"] {
+                assert!(
+                    !text.contains(internal),
+                    "{status} {code:?} leaks {internal}: {text}"
+                );
+            }
+            assert_eq!(json["errors"][0]["detail"]["error_id"], id.as_str(), "{text}");
+            assert!(
+                json["errors"][0]["message"].as_str().unwrap().contains(&id),
+                "{text}"
+            );
+        }
     }
 }

@@ -142,8 +142,9 @@ async fn delete_batch(s: &Scheduler, claimed: &[ClaimedDelete]) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::ActiveBlobs;
     use crate::metadata::Metadata;
-    use crate::scheduler::{ActiveBlobs, JobSettings, SchedulerSettings};
+    use crate::scheduler::{JobSettings, SchedulerSettings};
     use std::sync::Arc;
 
     /// A scheduler over a fresh data dir with the embedded defaults (filesystem storage).

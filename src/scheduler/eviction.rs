@@ -4,58 +4,11 @@
 
 use super::Scheduler;
 use crate::metadata::now_secs;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How often stored bytes are compared with the bound. A sum over the blobs table; every
 /// ten seconds is cheap even at a million blobs.
 const CHECK_EVERY: Duration = Duration::from_secs(10);
-
-/// Blobs being served right now, counted per digest.
-#[derive(Debug, Default)]
-pub struct ActiveBlobs {
-    counts: Mutex<HashMap<String, usize>>,
-}
-
-/// Holds a blob in [`ActiveBlobs`] until dropped.
-#[derive(Debug)]
-pub struct ActiveGuard {
-    set: Arc<ActiveBlobs>,
-    digest: String,
-}
-
-impl ActiveBlobs {
-    pub fn hold(self: &Arc<Self>, digest: &str) -> ActiveGuard {
-        *self.lock().entry(digest.to_owned()).or_default() += 1;
-        ActiveGuard {
-            set: self.clone(),
-            digest: digest.to_owned(),
-        }
-    }
-
-    pub fn snapshot(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
-        self.counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        let mut counts = self.set.lock();
-        if let Some(n) = counts.get_mut(&self.digest) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.digest);
-            }
-        }
-    }
-}
 
 pub(super) async fn run(s: Scheduler) {
     let Some((high, low)) = s.settings.size_bound else {
@@ -103,5 +56,12 @@ pub(super) async fn evict_over_bound(
         .meta
         .evict_lru(stored - low, s.active.snapshot(), now_secs())
         .await?;
+    if queued == 0 {
+        tracing::warn!(
+            stored_bytes = stored,
+            max_size_bytes = high,
+            "over storage.max_size but nothing can be evicted: what is stored is pinned or being served"
+        );
+    }
     Ok(queued)
 }

@@ -51,7 +51,15 @@ pub(super) async fn expire_all_due(s: &Scheduler) -> Result<ExpiryReport, crate:
             break;
         }
     }
-    if total.entries() > 0 || total.postponed > 0 {
+    // Cached referrers answers hold no storage, so they go whether deletes are on or not.
+    loop {
+        let removed = s.meta.expire_referrers(now_secs(), BATCH).await?;
+        total.referrers += removed;
+        if removed < u64::from(BATCH) || s.shutdown.is_cancelled() {
+            break;
+        }
+    }
+    if total.entries() > 0 || total.postponed > 0 || total.referrers > 0 {
         tracing::info!(
             expired.tags = total.tags,
             expired.manifest_links = total.manifest_links,
@@ -60,6 +68,7 @@ pub(super) async fn expire_all_due(s: &Scheduler) -> Result<ExpiryReport, crate:
             blobs.queued_for_delete = total.blobs_to_delete,
             entries.deferred = total.deferred,
             links.postponed = total.postponed,
+            expired.referrers = total.referrers,
             "expired due entries"
         );
     }

@@ -7,7 +7,9 @@ use super::{Scheduler, POLL};
 use crate::config::CleanupPolicy;
 use crate::glob::Glob;
 use crate::metadata::{now_secs, Job, JobBackoff, RepoDeleteStep, RepoKey, RunOutcome};
+use futures::future::BoxFuture;
 use serde_json::{json, Value};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How often the cleanup loop looks for repositories whose policy is due.
@@ -50,7 +52,7 @@ impl JobSettings {
         }
     }
 
-    fn lease_secs(&self) -> i64 {
+    pub fn lease_secs(&self) -> i64 {
         i64::try_from(self.stale_after.as_secs())
             .unwrap_or(i64::MAX)
             .max(1)
@@ -60,23 +62,43 @@ impl JobSettings {
 const GENERAL_KINDS: &[&str] = &["purge", "cleanup"];
 const DELETE_KINDS: &[&str] = &["delete_repository"];
 
+/// One run of a claimed job, for kinds whose work lives above the scheduler (a prefetch
+/// needs the cache): the worker claims, heartbeats and records the outcome as for its own.
+pub type JobBody = Arc<dyn Fn(Job) -> BoxFuture<'static, RunOutcome> + Send + Sync>;
+
 pub(super) fn spawn(s: &Scheduler, tasks: &tokio_util::task::TaskTracker) {
-    for _ in 0..s.jobs.workers {
-        tasks.spawn(worker(s.clone(), GENERAL_KINDS));
-    }
-    for _ in 0..s.jobs.delete_workers {
-        tasks.spawn(worker(s.clone(), DELETE_KINDS));
-    }
+    let own: JobBody = {
+        let s = s.clone();
+        Arc::new(move |job: Job| {
+            let s = s.clone();
+            Box::pin(async move { run_body(&s, &job).await })
+        })
+    };
+    spawn_workers(s, tasks, GENERAL_KINDS, s.jobs.workers, own.clone());
+    spawn_workers(s, tasks, DELETE_KINDS, s.jobs.delete_workers, own);
     tasks.spawn(sweeper(s.clone()));
     if !s.jobs.policies.is_empty() {
         tasks.spawn(cleanup_cadence(s.clone()));
     }
 }
 
-async fn worker(s: Scheduler, kinds: &'static [&'static str]) {
+/// Starts `n` workers claiming jobs of `kinds` and running `body` for each.
+pub fn spawn_workers(
+    s: &Scheduler,
+    tasks: &tokio_util::task::TaskTracker,
+    kinds: &'static [&'static str],
+    n: usize,
+    body: JobBody,
+) {
+    for _ in 0..n {
+        tasks.spawn(worker(s.clone(), kinds, body.clone()));
+    }
+}
+
+async fn worker(s: Scheduler, kinds: &'static [&'static str], body: JobBody) {
     loop {
         match s.meta.claim_job(kinds, now_secs(), s.jobs.lease_secs()).await {
-            Ok(Some(job)) => run_claimed(&s, job).await,
+            Ok(Some(job)) => run_claimed(&s, job, &body).await,
             Ok(None) => {
                 tokio::select! {
                     () = tokio::time::sleep(POLL) => {}
@@ -98,13 +120,13 @@ async fn worker(s: Scheduler, kinds: &'static [&'static str]) {
 }
 
 /// Runs one claimed job with a heartbeat, and records its outcome.
-async fn run_claimed(s: &Scheduler, job: Job) {
+async fn run_claimed(s: &Scheduler, job: Job, body: &JobBody) {
     let started = Instant::now();
     let (id, kind) = (job.id, job.kind.clone());
     tracing::info!(job.id = id, job.kind = %kind, job.run = job.runs, "job started");
     let lease = s.jobs.lease_secs();
     let beat = Duration::from_secs(u64::try_from(lease / 3).unwrap_or(1).max(1));
-    let body = run_body(s, &job);
+    let body = body(job.clone());
     tokio::pin!(body);
     let outcome = loop {
         tokio::select! {
@@ -249,6 +271,7 @@ async fn cleanup(s: &Scheduler, job: &Job) -> Result<RunOutcome, String> {
         "deleted": outcome.deleted,
         "kept_moved": outcome.kept_moved,
         "kept_pulled": outcome.kept_pulled,
+        "kept_pinned": outcome.kept_pinned,
         "unlinked": outcome.unlinked,
     })))
 }
@@ -258,12 +281,16 @@ async fn sweeper(s: Scheduler) {
         let stale = i64::try_from(s.jobs.stale_after.as_secs()).unwrap_or(i64::MAX);
         match s.meta.sweep(now_secs(), stale).await {
             Ok(r) => {
-                let states = r
+                let mut states = r
                     .jobs_by_state
                     .iter()
                     .map(|(st, n)| format!("{st}={n}"))
                     .collect::<Vec<_>>()
                     .join(" ");
+                if states.is_empty() {
+                    // An empty field reads as a logging bug.
+                    states = "none".to_owned();
+                }
                 tracing::info!(
                     jobs.requeued = r.jobs_requeued, repositories.reset = r.repositories_reset,
                     jobs.by_state = %states, "sweeper ran"

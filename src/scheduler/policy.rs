@@ -54,7 +54,9 @@ pub(super) fn evaluate(policy: &CompiledPolicy, tags: &[TagInfo], now: i64) -> V
     let mut decisions = Vec::with_capacity(tags.len());
     let mut candidates: Vec<&TagInfo> = Vec::new();
     for t in tags {
-        let reason = if !policy.delete.is_match(&t.name) {
+        let reason = if t.pinned {
+            Some("pinned (exempt from cleanup policies)")
+        } else if !policy.delete.is_match(&t.name) {
             Some("does not match name_regex_delete")
         } else if policy.keep.as_ref().is_some_and(|k| k.is_match(&t.name)) {
             Some("matches name_regex_keep")
@@ -124,6 +126,7 @@ mod tests {
             created: Some(NOW - age_days * DAY),
             cached_at: NOW,
             last_used_at: NOW,
+            pinned: false,
         }
     }
 
@@ -181,6 +184,16 @@ mod tests {
         );
         // keep_n counts candidates only: main is not a candidate.
         assert_eq!(deleted(&policy(1, None, "v.*|pr-.*", None), &tags), ["v1", "v2"]);
+    }
+
+    #[test]
+    fn pinned_tags_are_kept_and_are_not_candidates() {
+        let mut tags = [tag("old", 100), tag("older", 200), tag("new", 1)];
+        tags[1].pinned = true;
+        let d = evaluate(&policy(1, None, ".*", None), &tags, NOW);
+        assert_eq!(deleted(&policy(1, None, ".*", None), &tags), ["old"]);
+        let older = d.iter().find(|d| d.tag == "older").unwrap();
+        assert!(!older.delete && older.reason.contains("pinned"), "{older:?}");
     }
 
     #[test]

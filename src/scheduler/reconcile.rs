@@ -3,12 +3,14 @@
 //! rows whose object is missing are repaired (unlinked, so the next pull refetches);
 //! leftover temporary files go. With `verify`, stored blobs are re-hashed and mismatches
 //! quarantined. Runs at server start-up, every `storage.reconcile_interval`, and as
-//! `regcache fsck`.
+//! `regcache fsck`. On a shared store (S3, GCS) orphans are deleted only while the
+//! prefix's owner marker names this instance: under another instance's prefix they are
+//! that instance's blobs, not leftovers.
 
 use super::{deletes::DISABLED_REASON, Scheduler};
 use crate::metadata::{now_secs, MetadataError};
 use crate::oci::{Digest, Sha256Writer};
-use crate::storage::StorageError;
+use crate::storage::{PrefixOwner, StorageError};
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use std::time::Duration;
@@ -43,10 +45,16 @@ pub struct ReconcileReport {
     pub missing_objects: u64,
     /// Of those, rows repaired (0 on a dry run).
     pub rows_repaired: u64,
+    /// Temporary files older than the grace period (leftovers of a dead transfer).
+    pub temp_files_stale: u64,
+    /// Of those, removed (0 on a dry run).
     pub temp_files_removed: u64,
     pub blobs_verified: u64,
     pub blobs_corrupt: u64,
     pub blobs_quarantined: u64,
+    /// The instance whose owner marker is on the store's prefix, when it is not this one:
+    /// orphans were then counted but none deleted.
+    pub prefix_owner: Option<String>,
     /// Multipart uploads a crash or a failed write left open (S3, GCS).
     pub stale_uploads: u64,
     /// Of those, aborted in the store (0 on a dry run).
@@ -82,10 +90,15 @@ impl Progress for () {}
 pub(super) async fn run(s: Scheduler) {
     loop {
         match reconcile(&s, ReconcileOptions::default(), &()).await {
+            Ok(r) if r.prefix_owner.is_some() => tracing::error!(
+                owner.instance = r.prefix_owner.as_deref().unwrap_or_default(),
+                orphans.kept = r.orphan_objects,
+                "the storage prefix belongs to another regcache instance: its objects were not deleted; give each instance its own prefix"
+            ),
             Ok(r)
                 if r.orphan_objects
                     + r.missing_objects
-                    + r.temp_files_removed
+                    + r.temp_files_stale
                     + r.stale_uploads
                     + r.imports_abandoned
                     + r.import_dirs_removed
@@ -134,6 +147,14 @@ pub async fn reconcile(
             .await
             .map_err(|e| ReconcileError::Imports(e.to_string()))?;
     }
+    // Orphans are handled as on a dry run under a prefix another instance owns.
+    if let PrefixOwner::Other { instance, .. } = prefix_owner(s, now, opts.dry_run).await? {
+        report.prefix_owner = Some(instance);
+    }
+    let orphan_opts = ReconcileOptions {
+        dry_run: opts.dry_run || report.prefix_owner.is_some(),
+        ..opts
+    };
     progress.phase("listing storage", None);
     let mut listed = Listed::default();
     let mut batch = Vec::new();
@@ -150,7 +171,7 @@ pub async fn reconcile(
                 // A stray key under the blob prefix: no digest to queue it under.
                 report.orphan_objects += 1;
                 report.orphan_bytes += obj.size;
-                if !opts.dry_run {
+                if !orphan_opts.dry_run {
                     s.store.delete_key(&obj.key).await?;
                     report.orphans_queued += 1;
                 }
@@ -158,13 +179,13 @@ pub async fn reconcile(
             None => report.orphans_too_young += 1,
         }
         if batch.len() >= CHECK_BATCH {
-            check_objects(s, &mut batch, now, grace, opts, &mut report).await?;
+            check_objects(s, &mut batch, now, grace, orphan_opts, &mut report).await?;
         }
         if s.shutdown.is_cancelled() {
             return Ok(report);
         }
     }
-    check_objects(s, &mut batch, now, grace, opts, &mut report).await?;
+    check_objects(s, &mut batch, now, grace, orphan_opts, &mut report).await?;
     listed.seal();
 
     progress.phase("checking rows", None);
@@ -199,7 +220,7 @@ pub async fn reconcile(
 
     if let Some(tmp) = &s.tmp_dir {
         let age = s.settings.reconcile_grace.max(TEMP_FILE_MIN_AGE);
-        report.temp_files_removed = sweep_temp(tmp, age, opts.dry_run);
+        (report.temp_files_stale, report.temp_files_removed) = sweep_temp(tmp, age, opts.dry_run);
     }
     if opts.verify {
         verify(s, &listed, opts, progress, &mut report).await?;
@@ -208,6 +229,22 @@ pub async fn reconcile(
         s.deletes_due.notify_one();
     }
     Ok(report)
+}
+
+/// The owner of the store's prefix, claimed for this instance when it has no marker (not
+/// on a dry run, which changes nothing).
+async fn prefix_owner(s: &Scheduler, now: i64, dry_run: bool) -> Result<PrefixOwner, ReconcileError> {
+    let instance = s.meta.instance_id(now).await?;
+    if dry_run {
+        return Ok(s.store.prefix_owner(&instance).await?);
+    }
+    let data_dir = s
+        .tmp_dir
+        .as_ref()
+        .and_then(|t| t.parent())
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    Ok(s.store.claim_prefix(&instance, &data_dir, now).await?)
 }
 
 async fn check_objects(
@@ -336,11 +373,12 @@ impl Listed {
 }
 
 /// Removes temporary files older than `grace`; returns how many (or would, on a dry run).
-fn sweep_temp(dir: &std::path::Path, grace: Duration, dry_run: bool) -> u64 {
+/// Removes temporary files older than `grace` (none on a dry run): (stale, removed).
+fn sweep_temp(dir: &std::path::Path, grace: Duration, dry_run: bool) -> (u64, u64) {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
+        return (0, 0);
     };
-    let mut removed = 0;
+    let (mut stale, mut removed) = (0, 0);
     for e in entries.flatten() {
         let old = e
             .metadata()
@@ -348,9 +386,12 @@ fn sweep_temp(dir: &std::path::Path, grace: Duration, dry_run: bool) -> u64 {
             .ok()
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age >= grace);
-        if old && (dry_run || std::fs::remove_file(e.path()).is_ok()) {
-            removed += 1;
+        if old {
+            stale += 1;
+            if !dry_run && std::fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
         }
     }
-    removed
+    (stale, removed)
 }

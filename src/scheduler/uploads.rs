@@ -5,6 +5,7 @@
 
 use super::Scheduler;
 use crate::metadata::MetadataError;
+use crate::storage::OpenUpload;
 use std::time::Duration;
 
 /// How often the stale-upload table is looked at; one indexed read when it is empty.
@@ -36,7 +37,11 @@ pub(super) async fn abort_stale(s: &Scheduler, dry_run: bool) -> Result<(u64, u6
         if dry_run || s.shutdown.is_cancelled() {
             continue;
         }
-        match s.store.abort_upload(&stale.upload).await {
+        let upload = OpenUpload {
+            key: stale.upload.key.clone(),
+            id: stale.upload.id.clone(),
+        };
+        match s.store.abort_upload(&upload).await {
             Ok(()) => {
                 s.meta.forget_stale_upload(stale.upload).await?;
                 aborted += 1;

@@ -77,7 +77,9 @@ pub fn build(config: &StorageConfig, data_dir: &Path) -> Result<BlobStore, Stora
                 b = b.with_secret_access_key(secret.expose());
             }
             let store = Arc::new(b.build().map_err(cfg_err)?);
-            Ok(BlobStore::new(store.clone(), s3.prefix.clone(), None, false).with_multipart(store))
+            Ok(BlobStore::new(store.clone(), s3.prefix.clone(), None, false)
+                .with_multipart(store)
+                .shared())
         }
         Backend::Gcs => {
             let gcs = config
@@ -85,7 +87,9 @@ pub fn build(config: &StorageConfig, data_dir: &Path) -> Result<BlobStore, Stora
                 .as_ref()
                 .ok_or_else(|| StorageError::Config("storage.gcs is missing".into()))?;
             let store = Arc::new(gcs_builder(gcs).build().map_err(cfg_err)?);
-            Ok(BlobStore::new(store.clone(), gcs.prefix.clone(), None, false).with_multipart(store))
+            Ok(BlobStore::new(store.clone(), gcs.prefix.clone(), None, false)
+                .with_multipart(store)
+                .shared())
         }
     }
 }

@@ -75,6 +75,10 @@ fn parse_params(s: &str) -> HashMap<String, String> {
 
 /// Tokens without `expires_in` live 60 s (the distribution token spec's default).
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// A token is kept at most this long, whatever `expires_in` says: an absurd value must not
+/// overflow the expiry instant (a panic), and re-fetching once an hour costs one request
+/// per repository (a token refused earlier is renewed on its 401 anyway).
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Renew a little early so a token does not expire between check and use.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 /// Cached tokens per upstream; scopes are per repository, so bound the map.
@@ -84,16 +88,18 @@ const TOKENS_MAX: usize = 4096;
 pub(super) struct TokenResponse {
     token: Option<String>,
     access_token: Option<String>,
-    expires_in: Option<u64>,
+    /// Seconds; anything but a non-negative number counts as absent rather than making
+    /// the whole answer unreadable.
+    expires_in: Option<serde_json::Value>,
 }
 
 impl TokenResponse {
     pub(super) fn into_token(self) -> Option<(String, Duration)> {
         let token = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
-        let lifetime = self
-            .expires_in
-            .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
-        Some((token, lifetime))
+        let secs = self.expires_in.and_then(|v| v.as_f64()).filter(|s| *s >= 0.0);
+        // `as` saturates: 1e300 becomes u64::MAX, then the clamp.
+        let lifetime = secs.map_or(DEFAULT_TOKEN_LIFETIME, |s| Duration::from_secs(s as u64));
+        Some((token, lifetime.min(MAX_TOKEN_LIFETIME)))
     }
 }
 
@@ -117,7 +123,12 @@ impl TokenCache {
                 self.tokens.clear();
             }
         }
-        let expires = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN).max(Duration::from_secs(1));
+        let lifetime = lifetime
+            .min(MAX_TOKEN_LIFETIME)
+            .saturating_sub(EXPIRY_MARGIN)
+            .max(Duration::from_secs(1));
+        let now = Instant::now();
+        let expires = now.checked_add(lifetime).unwrap_or(now);
         self.tokens.insert(scope.to_owned(), (token, expires));
     }
 }
@@ -163,5 +174,26 @@ mod tests {
         assert_eq!(r.into_token(), Some(("a".into(), DEFAULT_TOKEN_LIFETIME)));
         let r: TokenResponse = serde_json::from_str(r#"{"token":""}"#).unwrap();
         assert_eq!(r.into_token(), None);
+    }
+
+    #[test]
+    fn absurd_token_lifetimes_are_clamped_and_never_panic() {
+        for (json, lifetime) in [
+            (
+                r#"{"token":"t","expires_in":18446744073709551615}"#,
+                MAX_TOKEN_LIFETIME,
+            ),
+            (r#"{"token":"t","expires_in":1e300}"#, MAX_TOKEN_LIFETIME),
+            (r#"{"token":"t","expires_in":300}"#, Duration::from_secs(300)),
+            (r#"{"token":"t","expires_in":-5}"#, DEFAULT_TOKEN_LIFETIME),
+            (r#"{"token":"t","expires_in":"soon"}"#, DEFAULT_TOKEN_LIFETIME),
+        ] {
+            let r: TokenResponse = serde_json::from_str(json).unwrap();
+            assert_eq!(r.into_token(), Some(("t".into(), lifetime)), "{json}");
+        }
+        // Even a lifetime that did not pass through `into_token`.
+        let mut cache = TokenCache::default();
+        cache.put("s", "t".into(), Duration::MAX);
+        assert_eq!(cache.get("s").as_deref(), Some("t"));
     }
 }

@@ -7,7 +7,7 @@ use crate::config::{ProxyConfig, Secret, UpstreamConfig};
 use crate::oci::{Digest, RepoName, MANIFEST_ACCEPT, MANIFEST_MAX_BYTES};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE, LINK, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderMap, ACCEPT, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -15,9 +15,6 @@ use url::Url;
 
 /// Error bodies are read only this far: enough for the OCI error JSON.
 const ERROR_BODY_MAX_BYTES: usize = 64 * 1024;
-/// Tag list pages followed at most; at 1000 tags a page that is 100 000 tags.
-const TAG_PAGES_MAX: usize = 100;
-const TAG_PAGE_SIZE: usize = 1000;
 const USER_AGENT: &str = concat!("regcache/", env!("CARGO_PKG_VERSION"));
 
 /// A manifest as the upstream sent it (not yet verified).
@@ -57,6 +54,9 @@ pub struct Upstream {
     tokens: Mutex<TokenCache>,
     /// The upstream asked for Basic auth once: send it up front from then on.
     basic: AtomicBool,
+    /// Sent as `?ns=` on every request: this upstream is a mirror of that registry (a
+    /// chained regcache).
+    ns: Option<String>,
 }
 
 fn is_docker_hub_host(host: &str) -> bool {
@@ -92,7 +92,9 @@ impl Upstream {
         };
         Ok(Self {
             name: config.name.clone(),
-            docker_hub: is_docker_hub_host(&host_name),
+            // A mirror asked for Docker Hub names Docker Hub's way (`library/alpine`).
+            docker_hub: is_docker_hub_host(&host_name)
+                || config.ns.as_deref().is_some_and(is_docker_hub_host),
             host,
             base,
             default: config.default,
@@ -100,25 +102,61 @@ impl Upstream {
             http,
             tokens: Mutex::new(TokenCache::default()),
             basic: AtomicBool::new(false),
+            ns: config.ns.clone(),
         })
     }
 
-    fn url(&self, path: &str) -> Result<Url, UpstreamError> {
-        self.base.join(path).map_err(|e| UpstreamError::Invalid {
+    /// `url` with this upstream's `ns` added, unless it has one (a `Link` of a chained
+    /// regcache does not carry it, so every page gets it here).
+    fn with_ns(&self, mut url: Url) -> Url {
+        if let Some(ns) = &self.ns {
+            if !url.query_pairs().any(|(k, _)| k == "ns") {
+                url.query_pairs_mut().append_pair("ns", ns);
+            }
+        }
+        url
+    }
+
+    /// `path` (`/v2/…`) on this upstream, after the configured URL's own path: an upstream
+    /// `https://host/mirror` is asked at `https://host/mirror/v2/…`, as registries served
+    /// under a path (Artifactory's `/artifactory/api/docker/<repo>`, Nexus's
+    /// `/repository/<name>`) expect.
+    pub(super) fn url(&self, path: &str) -> Result<Url, UpstreamError> {
+        let full = format!("{}{path}", self.base.path().trim_end_matches('/'));
+        self.base.join(&full).map_err(|e| UpstreamError::Invalid {
             upstream: self.name.clone(),
             message: format!("bad path {path:?}: {e}"),
         })
     }
 
-    /// Sends a request, answering one auth challenge if the upstream sends one.
-    async fn send(
+    /// Whether `url` is on this upstream's own scheme, host and port: the only place its
+    /// credentials and tokens may go (I9).
+    pub(super) fn is_own_origin(&self, url: &Url) -> bool {
+        url.origin() == self.base.origin()
+    }
+
+    /// Sends a request, answering one auth challenge if the upstream sends one. Only to
+    /// the upstream's own origin, since it attaches the credentials.
+    pub(super) async fn send(
         &self,
         method: Method,
         url: Url,
         repo: &RepoName,
         accept: Option<&str>,
     ) -> Result<Response, UpstreamError> {
+        if !self.is_own_origin(&url) {
+            // Callers build URLs from `base` and check tag-list pages; this guards any
+            // future caller against sending the credentials elsewhere.
+            return Err(UpstreamError::Invalid {
+                upstream: self.name.clone(),
+                message: format!(
+                    "refused a request to {}, outside the upstream's origin",
+                    url.origin().ascii_serialization()
+                ),
+            });
+        }
         let scope = format!("repository:{repo}:pull");
+        let url = self.with_ns(url);
         for attempt in 0..2 {
             let mut req = self.http.request(method.clone(), url.clone());
             if let Some(a) = accept {
@@ -190,9 +228,16 @@ impl Upstream {
             }
             q.append_pair("scope", scope);
         }
-        let mut req = self.http.get(url);
+        let mut req = self.http.get(url.clone());
         if let Some((user, pass)) = &self.credentials {
-            req = req.basic_auth(user, Some(pass.expose()));
+            if may_send_password(&self.base, &url) {
+                req = req.basic_auth(user, Some(pass.expose()));
+            } else {
+                tracing::warn!(
+                    upstream = %self.name, realm = %url.origin().ascii_serialization(),
+                    "the token realm is plain http while the upstream is https; asking for a token without the credentials"
+                );
+            }
         }
         let resp = req
             .send()
@@ -252,7 +297,7 @@ impl Upstream {
         }
     }
 
-    async fn checked(&self, resp: Response) -> Result<Response, UpstreamError> {
+    pub(super) async fn checked(&self, resp: Response) -> Result<Response, UpstreamError> {
         if resp.status().is_success() {
             Ok(resp)
         } else {
@@ -323,44 +368,6 @@ impl Upstream {
         }))
     }
 
-    /// The complete tag list, following `Link` pages (bounded).
-    pub async fn tags(&self, repo: &RepoName) -> Result<Vec<String>, UpstreamError> {
-        #[derive(serde::Deserialize)]
-        struct TagList {
-            tags: Option<Vec<String>>,
-        }
-        let mut url = self.url(&format!("/v2/{repo}/tags/list?n={TAG_PAGE_SIZE}"))?;
-        let mut names = Vec::new();
-        for page in 0..TAG_PAGES_MAX {
-            if page + 1 == TAG_PAGES_MAX {
-                tracing::warn!(
-                    upstream = %self.name, repo.name = %repo, pages_max = TAG_PAGES_MAX,
-                    "tag list has more pages than regcache follows; listing the first ones"
-                );
-            }
-            let resp = self
-                .checked(self.send(Method::GET, url.clone(), repo, None).await?)
-                .await?;
-            let next = header_string(resp.headers(), LINK).and_then(|l| next_link(&l));
-            let body = read_limited(resp, MANIFEST_MAX_BYTES, &self.name).await?;
-            let page: TagList = serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid {
-                upstream: self.name.clone(),
-                message: format!("tag list: {e}"),
-            })?;
-            names.extend(page.tags.unwrap_or_default());
-            match next {
-                Some(next) => {
-                    url = url.join(&next).map_err(|e| UpstreamError::Invalid {
-                        upstream: self.name.clone(),
-                        message: format!("tag list Link {next:?}: {e}"),
-                    })?
-                }
-                None => break,
-            }
-        }
-        Ok(names)
-    }
-
     pub async fn referrers(
         &self,
         repo: &RepoName,
@@ -394,24 +401,23 @@ impl Upstream {
     }
 }
 
-fn header_string(headers: &HeaderMap, name: impl reqwest::header::AsHeaderName) -> Option<String> {
+pub(super) fn header_string(headers: &HeaderMap, name: impl reqwest::header::AsHeaderName) -> Option<String> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
-/// The target of a `Link: <url>; rel="next"` header.
-fn next_link(header: &str) -> Option<String> {
-    header.split(',').find_map(|part| {
-        let (target, params) = part.split_once(';')?;
-        let is_next = params
-            .split(';')
-            .any(|p| p.trim().replace(' ', "") == "rel=\"next\"" || p.trim() == "rel=next");
-        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
-        is_next.then(|| target.to_owned())
-    })
+/// Whether the upstream's password may go to the token realm `realm`: not over plain
+/// http when the upstream itself is https (a realm the upstream names must not downgrade
+/// the credentials to clear text).
+fn may_send_password(base: &Url, realm: &Url) -> bool {
+    realm.scheme() == "https" || base.scheme() == "http"
 }
 
 /// Reads a body, failing once it passes `limit` bytes (without trusting Content-Length).
-async fn read_limited(resp: Response, limit: usize, upstream: &str) -> Result<Bytes, UpstreamError> {
+pub(super) async fn read_limited(
+    resp: Response,
+    limit: usize,
+    upstream: &str,
+) -> Result<Bytes, UpstreamError> {
     let mut out = BytesMut::new();
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
@@ -432,13 +438,129 @@ mod tests {
     use super::*;
 
     #[test]
-    fn link_header_next_target() {
-        assert_eq!(
-            next_link(r#"</v2/a/tags/list?n=2&last=b>; rel="next""#).as_deref(),
-            Some("/v2/a/tags/list?n=2&last=b")
+    fn the_password_goes_over_http_only_for_an_http_upstream() {
+        let url = |s: &str| Url::parse(s).unwrap();
+        let https = url("https://registry.example");
+        let http = url("http://registry.internal:5000");
+        assert!(may_send_password(&https, &url("https://auth.example/token")));
+        assert!(!may_send_password(&https, &url("http://auth.example/token")));
+        assert!(!may_send_password(&https, &url("http://registry.example/token")));
+        assert!(may_send_password(&http, &url("http://auth.internal/token")));
+        assert!(may_send_password(&http, &url("https://auth.example/token")));
+    }
+
+    fn config(url: &str) -> UpstreamConfig {
+        UpstreamConfig {
+            name: "m".into(),
+            url: url.into(),
+            default: true,
+            username: Some("user".into()),
+            password: Some(Secret::new("pass")),
+            password_file: None,
+            ttl: None,
+            ns: None,
+        }
+    }
+
+    /// Answers one request on 127.0.0.1 with a token; yields the `Authorization` it got.
+    async fn token_realm() -> (String, tokio::task::JoinHandle<Option<String>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let realm = format!("http://{}/token", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                conn.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            let body = r#"{"token":"t","expires_in":300}"#;
+            let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+            conn.write_all(answer.as_bytes()).await.unwrap();
+            String::from_utf8(head).unwrap().lines().find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("authorization")
+                    .then(|| value.trim().to_owned())
+            })
+        });
+        (realm, task)
+    }
+
+    #[tokio::test]
+    async fn an_https_upstream_never_sends_its_password_to_an_http_realm() {
+        let proxy = crate::config::load(None, Vec::new()).unwrap().proxy;
+        for (base, sent) in [
+            ("https://registry.invalid", None),
+            ("http://registry.invalid", Some("Basic dXNlcjpwYXNz")),
+        ] {
+            let upstream = Upstream::new(&config(base), &proxy).unwrap();
+            let (realm, got) = token_realm().await;
+            let (token, _) = upstream
+                .fetch_token(&realm, None, "repository:a:pull")
+                .await
+                .unwrap();
+            assert_eq!(token, "t");
+            assert_eq!(got.await.unwrap().as_deref(), sent, "{base}");
+        }
+    }
+
+    #[test]
+    fn requests_go_under_the_configured_path() {
+        let proxy = crate::config::load(None, Vec::new()).unwrap().proxy;
+        for (base, want) in [
+            ("https://host", "https://host/v2/a/b/tags/list?n=1"),
+            ("https://host/", "https://host/v2/a/b/tags/list?n=1"),
+            ("https://host/mirror", "https://host/mirror/v2/a/b/tags/list?n=1"),
+            (
+                "https://host:8443/x/y/",
+                "https://host:8443/x/y/v2/a/b/tags/list?n=1",
+            ),
+        ] {
+            let u = Upstream::new(&config(base), &proxy).unwrap();
+            assert_eq!(u.url("/v2/a/b/tags/list?n=1").unwrap().as_str(), want, "{base}");
+            assert!(u.is_own_origin(&u.url("/v2/").unwrap()));
+        }
+        let u = Upstream::new(&config("https://host"), &proxy).unwrap();
+        for other in ["http://host/v2/", "https://host:444/v2/", "https://other/v2/"] {
+            assert!(!u.is_own_origin(&Url::parse(other).unwrap()), "{other}");
+        }
+    }
+
+    fn upstream(ns: Option<&str>) -> Upstream {
+        let config = UpstreamConfig {
+            name: "regional".into(),
+            url: "http://regional.local:5000".into(),
+            default: true,
+            username: None,
+            password: None,
+            password_file: None,
+            ttl: None,
+            ns: ns.map(str::to_owned),
+        };
+        Upstream::new(&config, &ProxyConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn ns_is_added_once_to_every_url_and_docker_io_gives_hub_naming() {
+        let u = upstream(Some("docker.io"));
+        assert!(
+            u.docker_hub,
+            "ns = docker.io names repositories as Docker Hub does"
         );
-        assert_eq!(next_link(r#"<http://x/y>; rel="prev""#), None);
-        assert_eq!(next_link("garbage"), None);
+        let page = u.url("/v2/library/alpine/tags/list?n=1000").unwrap();
+        assert_eq!(
+            u.with_ns(page).as_str(),
+            "http://regional.local:5000/v2/library/alpine/tags/list?n=1000&ns=docker.io"
+        );
+        let blob = u.with_ns(u.url("/v2/a/blobs/sha256:x").unwrap());
+        assert_eq!(blob.query(), Some("ns=docker.io"));
+        assert_eq!(u.with_ns(blob.clone()), blob, "never twice");
+        let plain = upstream(None);
+        assert!(!plain.docker_hub);
+        let url = plain.url("/v2/a/manifests/v1").unwrap();
+        assert_eq!(plain.with_ns(url.clone()), url);
+        assert!(!upstream(Some("ghcr.io")).docker_hub);
     }
 
     #[test]

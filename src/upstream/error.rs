@@ -18,7 +18,7 @@ pub enum UpstreamError {
     },
     #[error("upstream {upstream}: {message}")]
     Auth { upstream: String, message: String },
-    #[error("upstream {upstream} sent a manifest larger than {limit_bytes} bytes; refused")]
+    #[error("upstream {upstream} sent an answer larger than {limit_bytes} bytes; refused")]
     TooLarge { upstream: String, limit_bytes: usize },
     #[error("upstream {upstream} sent an invalid response: {message}")]
     Invalid { upstream: String, message: String },

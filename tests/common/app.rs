@@ -36,6 +36,7 @@ pub fn config_for(upstreams: &[(&str, &str)], data_dir: &Path) -> Config {
             password: None,
             password_file: None,
             ttl: None,
+            ns: None,
         })
         .collect();
     c

@@ -65,16 +65,32 @@ impl Output {
 /// Runs the binary in `cwd` with `args` and only `env` set (so the host's `RUST_LOG` or
 /// `REGCACHE_*` cannot leak in); SIGKILLs it and panics after `deadline`.
 pub fn run(args: &[&str], env: &[(&str, &str)], cwd: &Path, deadline: Duration) -> Output {
-    let child = Command::new(BIN)
-        .args(args)
+    finish(command(args, env, cwd), args, deadline)
+}
+
+/// [`run`] as another user (`uid`, with the same group id): a test running as root
+/// meets permission errors only this way. The caller must be root.
+pub fn run_as(uid: u32, args: &[&str], env: &[(&str, &str)], cwd: &Path, deadline: Duration) -> Output {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = command(args, env, cwd);
+    cmd.uid(uid).gid(uid);
+    finish(cmd, args, deadline)
+}
+
+fn command(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
         .env_clear()
         .envs(env.iter().copied())
         .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn regcache");
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn finish(mut cmd: Command, args: &[&str], deadline: Duration) -> Output {
+    let child = cmd.spawn().expect("spawn regcache");
     let pid = child.id();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

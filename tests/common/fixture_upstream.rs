@@ -41,6 +41,9 @@ pub enum Auth {
     Anonymous,
     /// Bearer challenges; `/token` requires these Basic credentials, else 401.
     Basic { username: String, password: String },
+    /// No tokens: every registry request needs these Basic credentials, and is answered
+    /// `401 WWW-Authenticate: Basic` without them (as a plain htpasswd registry does).
+    BasicOnly { username: String, password: String },
 }
 
 /// How `GET /v2/<name>/tags/list` treats `n` and `last`.
@@ -64,6 +67,9 @@ pub struct FixtureOptions {
     /// `false`: the referrers API answers a plain 404, like registries without it.
     pub referrers_supported: bool,
     pub tags_paging: TagsPaging,
+    /// Serve the API under this path (`/mirror` → `/mirror/v2/…`, and `/v2/…` is a 404),
+    /// as registries behind Artifactory or Nexus paths are.
+    pub path_prefix: String,
 }
 
 impl Default for FixtureOptions {
@@ -72,6 +78,7 @@ impl Default for FixtureOptions {
             auth: None,
             referrers_supported: true,
             tags_paging: TagsPaging::Honour,
+            path_prefix: String::new(),
         }
     }
 }
@@ -87,6 +94,21 @@ impl FixtureOptions {
 
     pub fn anonymous_tokens(mut self) -> Self {
         self.auth = Some(Auth::Anonymous);
+        self
+    }
+
+    /// Registry requests need Basic credentials directly (no token service).
+    pub fn basic_only(mut self, username: &str, password: &str) -> Self {
+        self.auth = Some(Auth::BasicOnly {
+            username: username.to_owned(),
+            password: password.to_owned(),
+        });
+        self
+    }
+
+    /// Serves the API under `prefix` (e.g. `/mirror`); `url()` stays the bare origin.
+    pub fn under_path(mut self, prefix: &str) -> Self {
+        self.path_prefix = prefix.trim_end_matches('/').to_owned();
         self
     }
 
@@ -158,6 +180,12 @@ struct FixtureState {
     failure: Option<FailRule>,
     delay: Duration,
     redirect_blobs: Option<String>,
+    /// Origin put in front of tag-list `Link`s (`None`: relative links).
+    tags_link_base: Option<String>,
+    /// The `realm` of bearer challenges (`None`: this fixture's own `/token`).
+    token_realm: Option<String>,
+    /// The `expires_in` of issued tokens (`None`: 300).
+    token_expires_in: Option<Value>,
     /// Cancelled by `stop()`; in-flight delays and slow bodies end with it.
     kill: CancellationToken,
 }
@@ -425,6 +453,23 @@ impl FixtureUpstream {
         self.shared.lock().redirect_blobs = None;
     }
 
+    /// Makes tag-list `Link` headers absolute URLs on `base_url` (another listener, or
+    /// this fixture's own `url()`), as a careless or hostile upstream might.
+    pub fn link_tags_to(&self, base_url: &str) {
+        self.shared.lock().tags_link_base = Some(base_url.trim_end_matches('/').to_owned());
+    }
+
+    /// Names `realm` (a full URL) in bearer challenges instead of this fixture's `/token`.
+    /// Tokens issued elsewhere are not accepted here.
+    pub fn set_token_realm(&self, realm: &str) {
+        self.shared.lock().token_realm = Some(realm.to_owned());
+    }
+
+    /// Issues tokens with this `expires_in` (any JSON value, absurd ones included).
+    pub fn set_token_expires_in(&self, expires_in: Value) {
+        self.shared.lock().token_expires_in = Some(expires_in);
+    }
+
     /// Invalidates every issued token: the next request with one gets a 401 challenge.
     pub fn expire_tokens(&self) {
         self.shared.lock().tokens.clear();
@@ -622,6 +667,9 @@ impl Shared {
         if path == "/token" {
             return self.token(query, headers);
         }
+        let Some(path) = path.strip_prefix(self.opts.path_prefix.as_str()) else {
+            return error(StatusCode::NOT_FOUND, "NOT_FOUND", "not under the fixture's path");
+        };
         if method != Method::GET && method != Method::HEAD {
             return error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -770,7 +818,9 @@ impl Shared {
         let body = serde_json::to_vec(&json!({ "name": name, "tags": tags })).expect("tags list JSON");
         let mut resp = json_response(StatusCode::OK, "application/json", body);
         if let (Some(n), Some(last_tag), true) = (page, tags.last(), take < after.len()) {
-            let link = format!("</v2/{name}/tags/list?n={n}&last={last_tag}>; rel=\"next\"");
+            let base = self.lock().tags_link_base.clone().unwrap_or_default();
+            let prefix = &self.opts.path_prefix;
+            let link = format!("<{base}{prefix}/v2/{name}/tags/list?n={n}&last={last_tag}>; rel=\"next\"");
             resp.headers_mut()
                 .insert(header::LINK, HeaderValue::from_str(&link).expect("Link header"));
         }
@@ -857,14 +907,14 @@ impl Shared {
                     .collect::<Vec<_>>()
             })
             .collect();
-        let token = {
+        let (token, expires_in) = {
             let mut state = self.lock();
             state.tokens_issued += 1;
             let token = format!("fixture-token-{}", state.tokens_issued);
             state.tokens.insert(token.clone(), scopes);
-            token
+            (token, state.token_expires_in.clone().unwrap_or(json!(300)))
         };
-        let body = json!({ "token": token, "access_token": token, "expires_in": 300 });
+        let body = json!({ "token": token, "access_token": token, "expires_in": expires_in });
         json_response(
             StatusCode::OK,
             "application/json",
@@ -877,6 +927,11 @@ impl Shared {
     fn authorized(&self, headers: &HeaderMap, name: Option<&str>) -> bool {
         if self.opts.auth.is_none() {
             return true;
+        }
+        if let Some(Auth::BasicOnly { username, password }) = &self.opts.auth {
+            let expected = format!("Basic {}", base64(format!("{username}:{password}").as_bytes()));
+            return headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+                == Some(expected.as_str());
         }
         let Some(token) = headers
             .get(header::AUTHORIZATION)
@@ -903,7 +958,20 @@ impl Shared {
     }
 
     fn challenge(&self, name: Option<&str>) -> Response {
-        let mut value = format!("Bearer realm=\"{}/token\",service=\"fixture\"", self.base_url);
+        if let Some(Auth::BasicOnly { .. }) = &self.opts.auth {
+            let mut resp = error(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "authentication required",
+            );
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"fixture\""),
+            );
+            return resp;
+        }
+        let realm = (self.lock().token_realm.clone()).unwrap_or_else(|| format!("{}/token", self.base_url));
+        let mut value = format!("Bearer realm=\"{realm}\",service=\"fixture\"");
         if let Some(name) = name {
             value.push_str(&format!(",scope=\"repository:{name}:pull\""));
         }

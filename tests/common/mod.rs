@@ -17,6 +17,7 @@ pub mod external;
 pub mod failing_store;
 pub mod fixture_upstream;
 pub mod images;
+pub mod logs;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
