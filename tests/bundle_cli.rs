@@ -1,6 +1,7 @@
 //! `regcache export` and `regcache import` refuse bad input with a message naming the
 //! argument, list entry or bundle entry, and change nothing: no bundle file is left, no
-//! image is linked.
+//! image is linked. `--upstream` places images under the upstream named, and pins made
+//! before an import apply to what it brings.
 
 mod common;
 
@@ -92,6 +93,10 @@ async fn bad_exports_and_imports_are_refused_naming_what_is_wrong() {
         true,
         "[[upstream]]\nname = \"mirror\"\nurl = \"http://127.0.0.1:10\"\n",
     );
+    // A pin made there before the import applies to what is imported, as to a pull. (The
+    // refused import of the junk file has created the site's database, which `pin` needs.)
+    regcache_fails(&["import", "--config", other.config_arg(), junk.to_str().unwrap()]).await;
+    regcache_ok(&["pin", "--config", other.config_arg(), "mirror/team/app:v1"]).await;
     regcache_ok(&[
         "import",
         "--config",
@@ -105,8 +110,18 @@ async fn bad_exports_and_imports_are_refused_naming_what_is_wrong() {
         count(
             &other.data_dir(),
             "SELECT count(*) FROM tags t JOIN repositories r ON r.id = t.repo_id \
-             WHERE r.upstream = 'mirror' AND r.name = 'team/app' AND t.name = 'v1'"
+             WHERE r.upstream = 'mirror' AND r.name = 'team/app' AND t.name = 'v1' \
+               AND t.pinned = 1 AND t.expires_at IS NULL"
         ),
-        1
+        1,
+        "imported under --upstream, and pinned"
+    );
+    assert_eq!(
+        count(
+            &other.data_dir(),
+            "SELECT count(*) FROM repo_blobs WHERE pinned = 0"
+        ),
+        0,
+        "every blob of the pinned image is pinned"
     );
 }

@@ -6,6 +6,7 @@
 use super::blobs::link;
 use super::expiry::enqueue_unreferenced;
 use super::manifests::{cache_manifest, manifest_by_digest, set_tag, ManifestRecord, NewManifest};
+use super::referrers::ReferrersRecord;
 use super::repos::{ensure_repo, RepoKey};
 use super::{Metadata, MetadataError};
 use rusqlite::{params, OptionalExtension, Transaction};
@@ -315,13 +316,12 @@ fn add_referrer(
         list.push(descriptor.clone());
     }
     let body = serde_json::to_vec(&index).map_err(|e| MetadataError::Task(e.to_string()))?;
-    tx.execute(
-        "INSERT INTO referrers (repo_id, digest, artifact_type, media_type, body, filters_applied, fetched_at)
-         VALUES (?1, ?2, '', ?3, ?4, NULL, ?5)
-         ON CONFLICT (repo_id, digest, artifact_type) DO UPDATE SET body = excluded.body",
-        params![repo_id, subject, crate::oci::OCI_INDEX, body, now],
-    )?;
-    Ok(())
+    let record = ReferrersRecord {
+        media_type: crate::oci::OCI_INDEX.to_owned(),
+        body: bytes::Bytes::from(body),
+        filters_applied: None,
+    };
+    super::referrers::store(tx, repo_id, subject, "", &record, now)
 }
 
 #[cfg(test)]
