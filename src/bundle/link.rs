@@ -179,8 +179,10 @@ impl Linker {
         }
         for (t, image) in images {
             // NOTE(pinning): an export of an image list entry with `pin = true` marks its
-            // index.json entry `io.regcache.pin = "true"` (plan::PIN_ANNOTATION). Once
-            // pinning exists, pin the image here, in the same transaction as its link.
+            // index.json entry `io.regcache.pin = "true"` (plan::PIN_ANNOTATION). Pins the
+            // site already has apply (link_imported_image refreshes them); honouring the
+            // annotation would add the image's pin (metadata/pins.rs) in this same
+            // transaction. Left to pinning's owner.
             if let Err(refused) = ctx
                 .meta
                 .link_imported_image(ctx.import, image, now_secs())
