@@ -2,6 +2,7 @@
 
 mod admin_ops;
 mod args;
+mod bundle;
 mod disk_status;
 mod format;
 mod ops;
@@ -174,6 +175,43 @@ enum Command {
         #[command(flatten)]
         json: JsonArg,
     },
+    /// Write cached images to a bundle, an OCI image layout in a .tar (or .tar.zst), to
+    /// carry to another site (see README "Bundles"); also writes BUNDLE.digests, for a
+    /// later --since. Works beside a running server.
+    Export {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The image list file naming the cached images to export (the format prefetch
+        /// reads)
+        #[arg(value_name = "LIST", required_unless_present = "all", conflicts_with = "all")]
+        list: Option<std::path::PathBuf>,
+        /// Export every cached image instead of a list
+        #[arg(long)]
+        all: bool,
+        /// The bundle to write: NAME.tar, or NAME.tar.zst to compress it
+        #[arg(long, short, value_name = "BUNDLE")]
+        output: std::path::PathBuf,
+        /// An earlier bundle, or its .digests file: leave out every blob it carried
+        #[arg(long, value_name = "PREVIOUS")]
+        since: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Import a bundle (regcache's, a skopeo oci-archive, or an OCI layout directory):
+    /// every blob is verified, and an image is served only once all of it is in. Works
+    /// beside a running server; creates the data dir of a fresh site.
+    Import {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The bundle: a .tar, a .tar.zst or an OCI layout directory
+        #[arg(value_name = "BUNDLE")]
+        bundle: std::path::PathBuf,
+        /// Put every image under this upstream, whatever registry its name gives
+        #[arg(long, value_name = "NAME")]
+        upstream: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -312,6 +350,34 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let c = load(&config)?.config;
             runtime()?.block_on(pins::unpin(&c, &reference, json.json))
+        }
+        Command::Export {
+            config,
+            list,
+            all,
+            output,
+            since,
+            json,
+        } => {
+            let c = load(&config)?.config;
+            init_logging(&config::LogConfig {
+                level: "warn".into(),
+                ..c.log.clone()
+            })?;
+            runtime()?.block_on(bundle::export(&c, list.as_deref(), all, output, since, json.json))
+        }
+        Command::Import {
+            config,
+            bundle: path,
+            upstream,
+            json,
+        } => {
+            let c = load(&config)?.config;
+            init_logging(&config::LogConfig {
+                level: "warn".into(),
+                ..c.log.clone()
+            })?;
+            runtime()?.block_on(bundle::import(&c, &path, upstream, json.json))
         }
         Command::Serve { config } => {
             let loaded = load(&config)?;

@@ -114,6 +114,12 @@ impl BlobStore {
         }
     }
 
+    /// The file holding a blob, on the filesystem backend (`None` elsewhere), for readers
+    /// that copy it whole without going through this process (bundle export).
+    pub fn local_blob_path(&self, digest: &Digest) -> Option<PathBuf> {
+        self.local_path(&self.key(digest))
+    }
+
     fn local_path(&self, key: &ObjectPath) -> Option<PathBuf> {
         self.local_root.as_ref().map(|root| root.join(key.as_ref()))
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 /// Each module and the modules it may use besides itself. Top to bottom:
-/// server/cli → registry/admin → scheduler → cache → (metadata, storage, upstream) →
+/// server/cli → registry/admin → scheduler → (cache, bundle) → (metadata, storage, upstream) →
 /// config → (oci, glob). `fault` (test-only panic points) and `counters` (lock-free
 /// counters) depend on nothing and may be used anywhere; `metrics` and `status_page` sit
 /// beside `registry`, read the layers below and name each other.
@@ -28,8 +28,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "bundle",
+        &["metadata", "storage", "upstream", "imagelist", "oci", "config"],
+    ),
+    (
         "scheduler",
-        &["cache", "metadata", "storage", "oci", "config", "glob", "fault"],
+        &[
+            "cache", "bundle", "metadata", "storage", "oci", "config", "glob", "fault",
+        ],
     ),
     (
         "prefetch",

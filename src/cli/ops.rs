@@ -229,6 +229,15 @@ fn print_report(r: &ReconcileReport, deleted: u64, failed: u64) {
             verb("aborted")
         );
     }
+    if r.imports_abandoned + r.import_dirs_removed > 0 {
+        println!(
+            "abandoned imports        {}; {} blobs only they held queued for deletion, {} work dirs {}",
+            r.imports_abandoned,
+            r.import_blobs_queued,
+            r.import_dirs_removed,
+            verb("removed")
+        );
+    }
     if r.blobs_verified > 0 || r.blobs_corrupt > 0 {
         println!(
             "verified blobs           {}; {} corrupt, {} {}",

@@ -140,7 +140,12 @@ impl Metadata {
     }
 }
 
-fn link(tx: &rusqlite::Transaction<'_>, repo: &RepoKey, digest: &str, now: i64) -> Result<(), MetadataError> {
+pub(super) fn link(
+    tx: &rusqlite::Transaction<'_>,
+    repo: &RepoKey,
+    digest: &str,
+    now: i64,
+) -> Result<(), MetadataError> {
     let id = ensure_repo(tx, repo, now)?;
     tx.execute(
         &format!(

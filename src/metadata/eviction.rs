@@ -23,7 +23,8 @@ impl Metadata {
         .await
     }
 
-    /// Unlinks least recently used blobs (skipping `active`), and every tag and manifest
+    /// Unlinks least recently used blobs (skipping `active` and blobs a bundle import
+    /// holds until it links its images), and every tag and manifest
     /// naming them, until `need_bytes` are queued for deletion; one transaction.
     /// Returns (blobs queued, bytes queued).
     pub async fn evict_lru(
@@ -38,6 +39,7 @@ impl Metadata {
                 let mut stmt = tx.prepare(
                     "SELECT digest, size_bytes FROM blobs b
                       WHERE NOT EXISTS (SELECT 1 FROM pending_deletes p WHERE p.digest = b.digest)
+                        AND NOT EXISTS (SELECT 1 FROM import_blobs i WHERE i.digest = b.digest)
                         -- Pinned images are exempt: neither a blob a pinned link holds nor
                         -- one a pinned manifest names (evicting it would unlink that manifest).
                         AND NOT EXISTS (SELECT 1 FROM repo_blobs rb INDEXED BY repo_blobs_pinned

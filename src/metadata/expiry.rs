@@ -255,8 +255,8 @@ pub(super) fn remove_manifest_if_unlinked(
     Ok((removed, refs))
 }
 
-/// Turns every candidate blob that no repository links and no cached manifest names into
-/// a pending delete (I3). The delete switch is read from the applied settings in the same
+/// Turns every candidate blob that no repository links, no cached manifest names and no
+/// bundle import holds into a pending delete (I3). The delete switch is read from the applied settings in the same
 /// transaction: with deletes off the row waits as deferred, saying why. When `job` is
 /// given, the blobs are recorded as handed over by that job. Returns how many were queued.
 pub(super) fn enqueue_unreferenced(
@@ -284,6 +284,8 @@ pub(super) fn enqueue_unreferenced(
             -- row, and most candidates of a mass expiry are still linked when first seen.
             AND NOT EXISTS (SELECT 1 FROM repo_blobs rb WHERE rb.digest = ?1)
             AND NOT EXISTS (SELECT 1 FROM manifest_refs mr WHERE mr.ref_digest = ?1 AND mr.kind = 'blob')
+            -- Held by a bundle import that has not linked its images yet (schema 0007).
+            AND NOT EXISTS (SELECT 1 FROM import_blobs ib WHERE ib.digest = ?1)
          ON CONFLICT (digest) DO NOTHING",
     )?;
     let mut record = tx.prepare_cached(

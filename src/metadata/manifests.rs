@@ -4,7 +4,7 @@ use super::expiry::expiry_sql;
 use super::repos::{ensure_repo, repo_id, RepoKey};
 use super::{Metadata, MetadataError};
 use bytes::Bytes;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 /// A cached manifest as served.
 #[derive(Debug, Clone)]
@@ -85,47 +85,9 @@ impl Metadata {
         let repo = repo.clone();
         self.write(move |tx| {
             let id = ensure_repo(tx, &repo, now)?;
-            let size = i64::try_from(m.body.len()).unwrap_or(i64::MAX);
-            let inserted = tx.execute(
-                "INSERT INTO manifests (digest, media_type, size_bytes, body, config_digest, created, subject_digest, cached_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (digest) DO NOTHING",
-                params![m.digest, m.media_type, size, &m.body[..], m.config, m.created, m.subject, now],
-            )?;
-            if inserted > 0 {
-                let mut refs = tx.prepare_cached(
-                    "INSERT INTO manifest_refs (manifest_digest, ref_digest, kind) VALUES (?1, ?2, ?3)
-                     ON CONFLICT DO NOTHING",
-                )?;
-                for b in &m.blobs {
-                    refs.execute(params![m.digest, b, "blob"])?;
-                }
-                for child in &m.children {
-                    refs.execute(params![m.digest, child, "manifest"])?;
-                }
-            }
-            tx.execute(
-                &format!(
-                    "INSERT INTO repo_manifests (repo_id, digest, cached_at, last_used_at, expires_at)
-                     VALUES (?1, ?2, ?3, ?3, {})
-                     ON CONFLICT (repo_id, digest) DO UPDATE SET last_used_at = max(last_used_at, excluded.last_used_at),
-                         expires_at = CASE WHEN pinned = 1 THEN NULL ELSE excluded.expires_at END, deferred = 0",
-                    expiry_sql("?3", "?1")
-                ),
-                params![id, m.digest, now],
-            )?;
+            cache_manifest(tx, id, &m, now)?;
             if let Some(tag) = tag {
-                tx.execute(
-                    &format!(
-                        "INSERT INTO tags (repo_id, name, digest, cached_at, last_used_at, expires_at)
-                         VALUES (?1, ?2, ?3, ?4, ?4, {})
-                         ON CONFLICT (repo_id, name) DO UPDATE SET digest = excluded.digest,
-                            cached_at = CASE WHEN digest = excluded.digest THEN cached_at ELSE excluded.cached_at END,
-                            last_used_at = excluded.last_used_at,
-                            expires_at = CASE WHEN pinned = 1 THEN NULL ELSE excluded.expires_at END, deferred = 0",
-                        expiry_sql("?4", "?1")
-                    ),
-                    params![id, tag, m.digest, now],
-                )?;
+                set_tag(tx, id, &tag, &m.digest, now)?;
             }
             // A pinned image's manifests arrive one by one (an index, then its children):
             // each takes its pin as it is cached.
@@ -164,4 +126,66 @@ impl Metadata {
         })
         .await
     }
+}
+
+/// Inserts a verified manifest (once, with its references) and links it to repository
+/// `repo_id`, its expiry set from the upstream's ttl.
+pub(super) fn cache_manifest(
+    tx: &Transaction<'_>,
+    repo_id: i64,
+    m: &NewManifest,
+    now: i64,
+) -> Result<(), MetadataError> {
+    let size = i64::try_from(m.body.len()).unwrap_or(i64::MAX);
+    let inserted = tx.execute(
+        "INSERT INTO manifests (digest, media_type, size_bytes, body, config_digest, created, subject_digest, cached_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (digest) DO NOTHING",
+        params![m.digest, m.media_type, size, &m.body[..], m.config, m.created, m.subject, now],
+    )?;
+    if inserted > 0 {
+        let mut refs = tx.prepare_cached(
+            "INSERT INTO manifest_refs (manifest_digest, ref_digest, kind) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO NOTHING",
+        )?;
+        for b in &m.blobs {
+            refs.execute(params![m.digest, b, "blob"])?;
+        }
+        for child in &m.children {
+            refs.execute(params![m.digest, child, "manifest"])?;
+        }
+    }
+    tx.execute(
+        &format!(
+            "INSERT INTO repo_manifests (repo_id, digest, cached_at, last_used_at, expires_at)
+             VALUES (?1, ?2, ?3, ?3, {})
+             ON CONFLICT (repo_id, digest) DO UPDATE SET last_used_at = max(last_used_at, excluded.last_used_at),
+                 expires_at = CASE WHEN pinned = 1 THEN NULL ELSE excluded.expires_at END, deferred = 0",
+            expiry_sql("?3", "?1")
+        ),
+        params![repo_id, m.digest, now],
+    )?;
+    Ok(())
+}
+
+/// Points `tag` of repository `repo_id` at the manifest `digest`.
+pub(super) fn set_tag(
+    tx: &Transaction<'_>,
+    repo_id: i64,
+    tag: &str,
+    digest: &str,
+    now: i64,
+) -> Result<(), MetadataError> {
+    tx.execute(
+        &format!(
+            "INSERT INTO tags (repo_id, name, digest, cached_at, last_used_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?4, {})
+             ON CONFLICT (repo_id, name) DO UPDATE SET digest = excluded.digest,
+                cached_at = CASE WHEN digest = excluded.digest THEN cached_at ELSE excluded.cached_at END,
+                last_used_at = excluded.last_used_at,
+                expires_at = CASE WHEN pinned = 1 THEN NULL ELSE excluded.expires_at END, deferred = 0",
+            expiry_sql("?4", "?1")
+        ),
+        params![repo_id, tag, digest, now],
+    )?;
+    Ok(())
 }

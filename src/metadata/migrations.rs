@@ -43,6 +43,11 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "0009_observability.sql",
         include_str!("../../schema/0009_observability.sql"),
     ),
+    (
+        10,
+        "0010_imports.sql",
+        include_str!("../../schema/0010_imports.sql"),
+    ),
 ];
 
 /// Brings the database up to the newest schema; a database newer than this build is an

@@ -7,7 +7,7 @@ use super::expiry::expiry_sql;
 use super::repos::{ensure_repo, repo_id, RepoKey};
 use super::{Metadata, MetadataError};
 use bytes::Bytes;
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{params, OptionalExtension, Transaction};
 
 /// Answers kept per repository. They serve only while the upstream is unreachable (an
 /// online request asks the upstream again), so this keeps the subjects and filters a
@@ -67,32 +67,7 @@ impl Metadata {
         let (repo, digest, artifact_type) = (repo.clone(), digest.to_owned(), artifact_type.to_owned());
         self.write(move |tx| {
             let id = ensure_repo(tx, &repo, now)?;
-            tx.prepare_cached(&format!(
-                "INSERT INTO referrers (repo_id, digest, artifact_type, media_type, body, filters_applied, fetched_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, {})
-                 ON CONFLICT (repo_id, digest, artifact_type) DO UPDATE SET media_type = excluded.media_type,
-                    body = excluded.body, filters_applied = excluded.filters_applied,
-                    fetched_at = excluded.fetched_at, expires_at = excluded.expires_at",
-                expiry_sql("?7", "?1")
-            ))?
-            .execute(params![id, digest, artifact_type, record.media_type, &record.body[..], record.filters_applied, now])?;
-            // The newest first; the one just stored is never the one dropped.
-            let excess: Vec<(String, String)> = {
-                let mut stmt = tx.prepare_cached(
-                    "SELECT digest, artifact_type FROM referrers WHERE repo_id = ?1
-                      ORDER BY fetched_at DESC LIMIT -1 OFFSET ?2",
-                )?;
-                let rows = stmt.query_map(params![id, REFERRERS_PER_REPO_MAX], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                rows.collect::<Result<_, _>>()?
-            };
-            let mut drop = tx.prepare_cached(
-                "DELETE FROM referrers WHERE repo_id = ?1 AND digest = ?2 AND artifact_type = ?3
-                  AND NOT (digest = ?4 AND artifact_type = ?5)",
-            )?;
-            for (d, a) in &excess {
-                drop.execute(params![id, d, a, digest, artifact_type])?;
-            }
-            Ok(())
+            store(tx, id, &digest, &artifact_type, &record, now)
         })
         .await
     }
@@ -117,6 +92,46 @@ impl Metadata {
         })
         .await
     }
+}
+
+/// Stores an answer in repository `repo_id` (expiring at `now` + ttl) and drops the
+/// repository's oldest past `REFERRERS_PER_REPO_MAX`, in the caller's transaction.
+pub(super) fn store(
+    tx: &Transaction<'_>,
+    id: i64,
+    digest: &str,
+    artifact_type: &str,
+    record: &ReferrersRecord,
+    now: i64,
+) -> Result<(), MetadataError> {
+    tx.prepare_cached(&format!(
+        "INSERT INTO referrers (repo_id, digest, artifact_type, media_type, body, filters_applied, fetched_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, {})
+         ON CONFLICT (repo_id, digest, artifact_type) DO UPDATE SET media_type = excluded.media_type,
+            body = excluded.body, filters_applied = excluded.filters_applied,
+            fetched_at = excluded.fetched_at, expires_at = excluded.expires_at",
+        expiry_sql("?7", "?1")
+    ))?
+    .execute(params![id, digest, artifact_type, record.media_type, &record.body[..], record.filters_applied, now])?;
+    // The newest first; the one just stored is never the one dropped.
+    let excess: Vec<(String, String)> = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT digest, artifact_type FROM referrers WHERE repo_id = ?1
+              ORDER BY fetched_at DESC LIMIT -1 OFFSET ?2",
+        )?;
+        let rows = stmt.query_map(params![id, REFERRERS_PER_REPO_MAX], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut drop = tx.prepare_cached(
+        "DELETE FROM referrers WHERE repo_id = ?1 AND digest = ?2 AND artifact_type = ?3
+          AND NOT (digest = ?4 AND artifact_type = ?5)",
+    )?;
+    for (d, a) in &excess {
+        drop.execute(params![id, d, a, digest, artifact_type])?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -59,6 +59,13 @@ pub struct ReconcileReport {
     pub stale_uploads: u64,
     /// Of those, aborted in the store (0 on a dry run).
     pub uploads_aborted: u64,
+    /// Bundle imports not heard from for longer than the grace period (and 10 minutes):
+    /// their holds were dropped.
+    pub imports_abandoned: u64,
+    /// Blobs only those imports held, queued for deletion.
+    pub import_blobs_queued: u64,
+    /// Work directories of imports no longer running, removed (or that would be).
+    pub import_dirs_removed: u64,
     pub dry_run: bool,
 }
 
@@ -68,6 +75,8 @@ pub enum ReconcileError {
     Metadata(#[from] MetadataError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error("abandoning stale imports: {0}")]
+    Imports(String),
 }
 
 /// Progress reporting for a terminal (`regcache fsck`); the server passes `()`.
@@ -86,12 +95,22 @@ pub(super) async fn run(s: Scheduler) {
                 orphans.kept = r.orphan_objects,
                 "the storage prefix belongs to another regcache instance: its objects were not deleted; give each instance its own prefix"
             ),
-            Ok(r) if r.orphan_objects + r.missing_objects + r.temp_files_stale + r.stale_uploads > 0 => {
+            Ok(r)
+                if r.orphan_objects
+                    + r.missing_objects
+                    + r.temp_files_stale
+                    + r.stale_uploads
+                    + r.imports_abandoned
+                    + r.import_dirs_removed
+                    > 0 =>
+            {
                 tracing::info!(
                     orphans.queued = r.orphans_queued,
                     rows.repaired = r.rows_repaired,
                     temp_files.removed = r.temp_files_removed,
                     uploads.aborted = r.uploads_aborted,
+                    imports.abandoned = r.imports_abandoned,
+                    import_blobs.queued = r.import_blobs_queued,
                     "reconciliation repaired storage and metadata"
                 );
             }
@@ -118,6 +137,16 @@ pub async fn reconcile(
     let now = now_secs();
     let grace = i64::try_from(s.settings.reconcile_grace.as_secs()).unwrap_or(i64::MAX);
     (report.stale_uploads, report.uploads_aborted) = super::uploads::abort_stale(s, opts.dry_run).await?;
+    // Imports live beside the temporary directory (`data_dir/imports`).
+    if let Some(data_dir) = s.tmp_dir.as_deref().and_then(std::path::Path::parent) {
+        (
+            report.imports_abandoned,
+            report.import_blobs_queued,
+            report.import_dirs_removed,
+        ) = crate::bundle::abandon_stale_imports(&s.meta, data_dir, grace, opts.dry_run)
+            .await
+            .map_err(|e| ReconcileError::Imports(e.to_string()))?;
+    }
     // Orphans are handled as on a dry run under a prefix another instance owns.
     if let PrefixOwner::Other { instance, .. } = prefix_owner(s, now, opts.dry_run).await? {
         report.prefix_owner = Some(instance);
@@ -196,7 +225,7 @@ pub async fn reconcile(
     if opts.verify {
         verify(s, &listed, opts, progress, &mut report).await?;
     }
-    if report.orphans_queued > 0 {
+    if report.orphans_queued + report.import_blobs_queued > 0 {
         s.deletes_due.notify_one();
     }
     Ok(report)

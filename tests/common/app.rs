@@ -84,6 +84,12 @@ impl TestApp {
         self.config.server.data_dir.clone()
     }
 
+    /// The running server's cache (its metadata and blob store), for tests that call the
+    /// library beside it (bundle export and import).
+    pub fn cache(&self) -> &std::sync::Arc<regcache::cache::Cache> {
+        self.server.as_ref().expect("the app is running").cache()
+    }
+
     /// Stops the server gracefully and starts it again on the same data dir (a new port).
     pub async fn restart_with(&mut self, tweak: impl FnOnce(&mut Config)) {
         self.relaunch(None, tweak).await;

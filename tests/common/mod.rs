@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod binary;
+pub mod bundles;
 pub mod containerd;
 pub mod data_dir;
 pub mod external;
