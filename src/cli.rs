@@ -123,6 +123,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig { config } => {
             let c = load(config.as_deref())?;
+            crate::auth::Access::check_files(&c).context("invalid identity file")?;
             print!(
                 "{}",
                 toml::to_string_pretty(&c).context("printing the configuration")?

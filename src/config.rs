@@ -2,12 +2,14 @@
 //! and validated before anything starts. Every error names the key it is about.
 //! This module reads files named by the config (secrets) but starts nothing.
 
+mod auth;
 mod duration;
 mod load;
 mod secret;
 mod size;
 mod validate;
 
+pub use auth::{AuthConfig, AuthRule};
 pub use duration::Duration;
 pub use load::{load, ConfigError};
 pub use secret::Secret;
@@ -37,6 +39,8 @@ pub struct Config {
     pub jobs: JobsConfig,
     #[serde(default)]
     pub cleanup: CleanupConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 /// The admin API (`/api/v1/...`).

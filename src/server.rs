@@ -6,6 +6,7 @@ mod lock;
 
 pub use lock::{DataDirLock, LockError};
 
+use crate::auth::{Access, AuthError};
 use crate::cache::{ActiveBlobs, Cache, CacheParts, CacheSettings, UseBuffer};
 use crate::config::Config;
 use crate::metadata::{now_secs, AppliedSettings, Metadata, MetadataError};
@@ -28,6 +29,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Locked(#[from] LockError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error(transparent)]
     Metadata(#[from] MetadataError),
     #[error(transparent)]
@@ -68,6 +71,8 @@ pub async fn start_with_store(
     config: Config,
     store: Option<crate::storage::BlobStore>,
 ) -> Result<RunningServer, ServerError> {
+    // The identity files first: a bad one stops the start before anything is touched.
+    let access = Access::load(&config).await?;
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.display().to_string(),
@@ -88,7 +93,7 @@ pub async fn start_with_store(
     let admin = crate::admin::router(crate::admin::AdminState {
         meta: meta.clone(),
         upstreams: upstreams.clone(),
-        token: config.admin.token.clone(),
+        access: access.clone(),
         max_attempts: i64::from(config.jobs.max_attempts),
         jobs_due: jobs_due.clone(),
     });
@@ -125,6 +130,7 @@ pub async fn start_with_store(
         source,
     })?;
     tasks.spawn(cache.clone().run_background());
+    tasks.spawn(access.clone().watch_files(shutdown.clone()));
     Scheduler {
         meta,
         store,
@@ -138,7 +144,7 @@ pub async fn start_with_store(
         shutdown: shutdown.clone(),
     }
     .spawn(&tasks);
-    let registry = crate::registry::router(cache.clone());
+    let registry = crate::registry::router(cache.clone(), access.clone());
     let app = match &config.admin.listen {
         None => registry.merge(admin),
         Some(admin_addr) => {
@@ -150,6 +156,7 @@ pub async fn start_with_store(
                 })?;
             let stop = shutdown.clone();
             tasks.spawn(async move {
+                let admin = admin.into_make_service_with_connect_info::<SocketAddr>();
                 let served = axum::serve(admin_listener, admin)
                     .with_graceful_shutdown(async move { stop.cancelled().await })
                     .await;
@@ -161,6 +168,9 @@ pub async fn start_with_store(
         }
     };
     let stop = shutdown.clone();
+    // The client's address reaches every request (`ConnectInfo`): failed logins are
+    // slowed per address.
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let http = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -174,6 +184,7 @@ pub async fn start_with_store(
         offline = config.proxy.offline,
         "regcache listening"
     );
+    warn_if_credentials_exposed(&access, &config, addr);
     Ok(RunningServer {
         addr,
         shutdown,
@@ -183,6 +194,27 @@ pub async fn start_with_store(
         cache,
         _lock: lock,
     })
+}
+
+/// Says once, at start-up, when anonymous clients on other machines can pull through an
+/// upstream's credentials (its private images, its account's rate limit).
+fn warn_if_credentials_exposed(access: &Access, config: &Config, addr: SocketAddr) {
+    if addr.ip().is_loopback() {
+        return;
+    }
+    let exposed = access.anonymous_upstreams_with_credentials(config);
+    if exposed.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        listen.addr = %addr,
+        upstreams = %exposed.join(", "),
+        "anonymous clients on other machines can pull through upstreams that have credentials \
+         (their private images, their account's rate limit). To fix it, configure [auth] with \
+         htpasswd_file or token_files and [[auth.rule]] entries (anonymous pulls are then off \
+         unless a rule with anonymous = true allows them; leave these upstreams out of it), \
+         or listen on 127.0.0.1"
+    );
 }
 
 /// The ttl of each upstream, as applied to stored state.

@@ -7,7 +7,8 @@ use std::path::Path;
 
 /// Each module and the modules it may use besides itself. Top to bottom:
 /// server/cli → registry/admin → scheduler → cache → (metadata, storage, upstream) →
-/// config → (oci, glob). `fault` (test-only panic points) depends on nothing and may be
+/// config → (oci, glob); `auth` (who may pull what) sits beside the cache, on config and
+/// glob, for the HTTP layers. `fault` (test-only panic points) depends on nothing and may be
 /// used anywhere.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("oci", &[]),
@@ -25,8 +26,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "scheduler",
         &["cache", "metadata", "storage", "oci", "config", "glob", "fault"],
     ),
-    ("registry", &["cache", "upstream", "oci", "config", "fault"]),
-    ("admin", &["metadata", "upstream", "oci", "config"]),
+    ("auth", &["config", "glob"]),
+    (
+        "registry",
+        &["auth", "cache", "upstream", "oci", "config", "fault"],
+    ),
+    ("admin", &["auth", "metadata", "upstream", "oci", "config"]),
 ];
 
 fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {

@@ -1,0 +1,480 @@
+//! Who may pull what (`[auth]`): identities from an htpasswd file (bcrypt) and bearer-token
+//! files, rules over `upstream/repository` globs, and the one admin check the admin API
+//! (and any other operator page) uses. Credentials are checked here and never forwarded
+//! or logged (I9). bcrypt runs on the blocking pool, a few at a time, once per
+//! credential until the files change; failed password logins slow their address down.
+//! Depends on `config` and `glob` only; the HTTP layers call it.
+
+mod credentials;
+mod logins;
+mod rules;
+mod throttle;
+mod verified;
+
+pub use logins::AuthError;
+
+use crate::config::{AuthConfig, Config, Secret};
+use axum::extract::ConnectInfo;
+use axum::http::{Extensions, HeaderMap};
+use credentials::{Hasher, Key, Presented};
+use logins::{Fingerprint, Logins};
+use rules::{Rules, Subject};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+use throttle::{AddrKey, Admission, Throttle};
+use tokio::sync::{OnceCell, Semaphore};
+use tokio_util::sync::CancellationToken;
+use verified::Verified;
+
+/// The challenge of every 401: Basic is what Docker, containerd, Podman and skopeo all
+/// answer with the login they hold for the host.
+pub const CHALLENGE: &str = "Basic realm=\"regcache\"";
+/// The challenges of an admin 401: the admin token as a bearer token, and a Basic login
+/// (an identity, or the admin token as the password, which a browser can ask for).
+pub const ADMIN_CHALLENGES: [&str; 2] = [
+    "Bearer realm=\"regcache-admin\"",
+    "Basic realm=\"regcache-admin\"",
+];
+/// How often the identity files are looked at for changes (one `stat` each): a change
+/// takes effect within this.
+const RELOAD_CHECK: Duration = Duration::from_secs(1);
+/// Logins waiting for a bcrypt slot at most; past it new ones are answered 429. At about
+/// 50–250 ms per check this is already many seconds of work.
+const BCRYPT_QUEUE_MAX: usize = 256;
+
+/// Who made a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Who {
+    /// No credentials (or access control is off).
+    Anonymous,
+    Identity {
+        name: Arc<str>,
+        via: Via,
+    },
+}
+
+/// How an identity proved itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Password,
+    Token,
+}
+
+impl Who {
+    fn subject(&self) -> Subject<'_> {
+        match self {
+            Self::Anonymous => Subject::Anonymous,
+            Self::Identity { name, .. } => Subject::Identity(name),
+        }
+    }
+}
+
+/// Why credentials were not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Wrong, unknown or malformed credentials: 401.
+    BadLogin,
+    /// Too many logins from this address, or waiting for bcrypt: 429.
+    Busy { retry_after: Duration },
+}
+
+/// The answer of [`Access::admin_access`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminAccess {
+    /// The admin token, or an identity with `admin`.
+    Granted(AdminUser),
+    /// No admin token configured and no rule gives `admin`: 403, and say how to enable it.
+    Disabled,
+    /// No or wrong credentials: 401 with `challenges`.
+    Unauthenticated,
+    /// A valid identity without `admin`: 403.
+    Forbidden {
+        identity: Arc<str>,
+    },
+    Busy {
+        retry_after: Duration,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminUser {
+    Token,
+    Identity(Arc<str>),
+}
+
+/// One bcrypt check: its outcome, shared by every request waiting for it.
+type PasswordCheck = OnceCell<Result<Arc<str>, Refused>>;
+
+/// Access control, shared by every request.
+#[derive(Debug)]
+pub struct Access {
+    auth: AuthConfig,
+    rules: Rules,
+    admin_token: Option<Secret>,
+    hasher: Hasher,
+    /// The identity files as last read; swapped whole on reload.
+    logins: RwLock<Arc<Logins>>,
+    fingerprint: Mutex<Fingerprint>,
+    verified: Mutex<Verified>,
+    throttle: Mutex<Throttle>,
+    /// bcrypt checks in progress, one per credential however many requests carry it.
+    checking: Mutex<HashMap<Key, Arc<PasswordCheck>>>,
+    bcrypt_slots: Arc<Semaphore>,
+    bcrypt_waiting: AtomicUsize,
+}
+
+/// A std mutex never held across an await; poisoning only means a request panicked,
+/// which leaves these maps consistent.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// bcrypt checks at once: half the cores (at least one, at most four), so a login
+/// flood leaves the rest of the machine — and the blocking pool's SQLite work — running.
+fn bcrypt_slots() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    (cores / 2).clamp(1, 4)
+}
+
+/// The client's address: `ConnectInfo`, which the server's listener inserts into every
+/// request.
+pub fn client_ip(extensions: &Extensions) -> Option<IpAddr> {
+    extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())
+}
+
+/// Where a login came from: its address for the log, and its throttle entry. Clients
+/// whose address is unknown share one entry (the strict direction).
+#[derive(Debug, Clone, Copy)]
+struct Client {
+    ip: Option<IpAddr>,
+    key: AddrKey,
+}
+
+impl Client {
+    fn of(extensions: &Extensions) -> Self {
+        let ip = client_ip(extensions);
+        Self {
+            ip,
+            key: AddrKey::new(ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))),
+        }
+    }
+}
+
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.ip {
+            Some(ip) => write!(f, "{ip}"),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+impl Access {
+    /// Reads the identity files `config` names; an unusable file is an error naming the
+    /// key, the file and the line.
+    pub async fn load(config: &Config) -> Result<Arc<Self>, AuthError> {
+        let auth = config.auth.clone();
+        let hasher = Hasher::random();
+        let (logins, fingerprint) = {
+            let (auth, hasher) = (auth.clone(), hasher.clone());
+            tokio::task::spawn_blocking(move || {
+                let fingerprint = logins::fingerprint(&logins::watched_files(&auth));
+                logins::read(&auth, &hasher, 0).map(|l| (l, fingerprint))
+            })
+            .await
+            .map_err(|e| AuthError::Read {
+                key: "auth".into(),
+                path: String::new(),
+                message: e.to_string(),
+            })??
+        };
+        Ok(Arc::new(Self {
+            rules: Rules::new(&auth),
+            auth,
+            admin_token: config.admin.token.clone(),
+            hasher,
+            logins: RwLock::new(Arc::new(logins)),
+            fingerprint: Mutex::new(fingerprint),
+            verified: Mutex::default(),
+            throttle: Mutex::default(),
+            checking: Mutex::default(),
+            bcrypt_slots: Arc::new(Semaphore::new(bcrypt_slots())),
+            bcrypt_waiting: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Reads the identity files without starting anything (`check-config`): how many
+    /// users and tokens they hold, or what is wrong with them.
+    pub fn check_files(config: &Config) -> Result<(usize, usize), AuthError> {
+        let l = logins::read(&config.auth, &Hasher::random(), 0)?;
+        Ok((l.users(), l.tokens()))
+    }
+
+    /// Whether clients can log in (an htpasswd file or token files are configured).
+    pub fn has_logins(&self) -> bool {
+        self.auth.has_identity_source()
+    }
+
+    fn logins(&self) -> Arc<Logins> {
+        self.logins
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Who sent a request with these headers. Without identity sources every request is
+    /// anonymous, whatever it carries (clients send stored logins to any registry).
+    pub async fn authenticate(&self, headers: &HeaderMap, extensions: &Extensions) -> Result<Who, Refused> {
+        if !self.has_logins() {
+            return Ok(Who::Anonymous);
+        }
+        let presented = Presented::from_header(headers.get(axum::http::header::AUTHORIZATION));
+        let client = Client::of(extensions);
+        match presented {
+            Presented::Nothing => Ok(Who::Anonymous),
+            Presented::Basic { user, password } => {
+                let name = self.check_password(user, password, client).await?;
+                Ok(Who::Identity {
+                    name,
+                    via: Via::Password,
+                })
+            }
+            Presented::Bearer(token) => match self.logins().token_identity(&self.hasher.token(&token)) {
+                Some(name) => Ok(Who::Identity {
+                    name,
+                    via: Via::Token,
+                }),
+                None => Err(self.failed(client, "bearer")),
+            },
+            Presented::Malformed => Err(self.failed(client, "malformed")),
+        }
+    }
+
+    /// Whether `who` may pull `repo` (as the upstream knows it) through the upstream
+    /// named `upstream`.
+    pub fn may_pull(&self, who: &Who, upstream: &str, repo: &str) -> bool {
+        self.rules.may_pull(who.subject(), upstream, repo)
+    }
+
+    /// A bearer token or header that is not valid. Not slowed: tokens (and the admin
+    /// token) have at least 16 characters, which no one guesses online; the throttle is
+    /// for passwords, which people choose.
+    fn failed(&self, client: Client, kind: &'static str) -> Refused {
+        tracing::info!(client.addr = %client, auth.kind = kind, "login failed");
+        Refused::BadLogin
+    }
+
+    /// Waits until the client's address may have new credentials checked.
+    async fn wait_for_slot(&self, client: Client) -> Result<(), Refused> {
+        let admission = lock(&self.throttle).admit(client.key, Instant::now());
+        match admission {
+            Admission::Now => Ok(()),
+            Admission::After(wait) => {
+                tokio::time::sleep(wait).await;
+                Ok(())
+            }
+            Admission::Refused { retry_after } => Err(Refused::Busy { retry_after }),
+        }
+    }
+
+    /// A Basic login: from the verified cache, or one bcrypt check shared by every
+    /// request presenting the same credentials meanwhile.
+    async fn check_password(
+        &self,
+        user: String,
+        password: String,
+        client: Client,
+    ) -> Result<Arc<str>, Refused> {
+        let key = self.hasher.basic(&user, &password);
+        let logins = self.logins();
+        if let Some(name) = lock(&self.verified).get(&key, logins.generation) {
+            return Ok(name);
+        }
+        let cell = lock(&self.checking).entry(key).or_default().clone();
+        let outcome = cell
+            .get_or_init(|| self.verify_password(user, password, key, logins, client))
+            .await
+            .clone();
+        let mut checking = lock(&self.checking);
+        if checking.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            checking.remove(&key);
+        }
+        outcome
+    }
+
+    async fn verify_password(
+        &self,
+        user: String,
+        password: String,
+        key: Key,
+        logins: Arc<Logins>,
+        client: Client,
+    ) -> Result<Arc<str>, Refused> {
+        self.wait_for_slot(client).await?;
+        let Some(check) = logins.password_check(&user) else {
+            return Err(self.failed_now(client, &user));
+        };
+        let permit = {
+            let _queued = Queued::enter(&self.bcrypt_waiting).ok_or(Refused::Busy {
+                retry_after: Duration::from_secs(1),
+            })?;
+            // The semaphore is never closed.
+            self.bcrypt_slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Refused::Busy {
+                    retry_after: Duration::from_secs(1),
+                })?
+        };
+        // The permit moves into the blocking task: the slot stays taken until bcrypt is
+        // done even if this request is dropped meanwhile.
+        let matched = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            bcrypt::verify(password.as_bytes(), &check.hash).unwrap_or(false) && check.counts
+        })
+        .await
+        .unwrap_or(false);
+        if !matched {
+            return Err(self.failed_now(client, &user));
+        }
+        let name: Arc<str> = Arc::from(user.as_str());
+        lock(&self.verified).insert(key, name.clone(), logins.generation);
+        tracing::debug!(auth.user = %user, "login verified");
+        Ok(name)
+    }
+
+    /// A Basic login that failed its check (which already waited for its slot). The user
+    /// name is logged to help the operator; the password never is.
+    fn failed_now(&self, client: Client, user: &str) -> Refused {
+        lock(&self.throttle).failed(client.key, Instant::now());
+        tracing::info!(client.addr = %client, auth.kind = "basic", auth.user = %user, "login failed");
+        Refused::BadLogin
+    }
+
+    /// The one admin check: the admin API uses it, and so should any other operator
+    /// endpoint (status page, metrics). Grants the admin token (as `Bearer <token>`, or as
+    /// the password of a Basic login with any user name, so a browser can ask for it),
+    /// or an identity that a rule gives `admin`.
+    pub async fn admin_access(&self, headers: &HeaderMap, extensions: &Extensions) -> AdminAccess {
+        if self.admin_token.is_none() && !self.rules.any_admin() {
+            return AdminAccess::Disabled;
+        }
+        let presented = Presented::from_header(headers.get(axum::http::header::AUTHORIZATION));
+        if let Some(token) = &self.admin_token {
+            let offered = match &presented {
+                Presented::Bearer(t) => Some(t.as_str()),
+                Presented::Basic { password, .. } => Some(password.as_str()),
+                Presented::Nothing | Presented::Malformed => None,
+            };
+            if offered.is_some_and(|o| credentials::constant_time_eq(o.as_bytes(), token.expose().as_bytes()))
+            {
+                return AdminAccess::Granted(AdminUser::Token);
+            }
+        }
+        let who = if self.has_logins() {
+            self.authenticate(headers, extensions).await
+        } else if presented == Presented::Nothing {
+            Ok(Who::Anonymous)
+        } else {
+            Err(self.failed(Client::of(extensions), "admin-token"))
+        };
+        match who {
+            Ok(Who::Anonymous) | Err(Refused::BadLogin) => AdminAccess::Unauthenticated,
+            Err(Refused::Busy { retry_after }) => AdminAccess::Busy { retry_after },
+            Ok(Who::Identity { name, .. }) => {
+                if self.rules.is_admin(Subject::Identity(&name)) {
+                    AdminAccess::Granted(AdminUser::Identity(name))
+                } else {
+                    AdminAccess::Forbidden { identity: name }
+                }
+            }
+        }
+    }
+
+    /// The upstreams with credentials that anonymous clients may pull through: what the
+    /// start-up warning names when the listener is reachable from other machines.
+    pub fn anonymous_upstreams_with_credentials<'a>(&self, config: &'a Config) -> Vec<&'a str> {
+        config
+            .upstream
+            .iter()
+            .filter(|u| u.username.is_some())
+            .filter(|u| self.rules.anonymous_may_pull_from(&u.name))
+            .map(|u| u.name.as_str())
+            .collect()
+    }
+
+    /// Re-reads the identity files when one changes (looked at every second) until
+    /// `shutdown`. A file that cannot be used is logged and the previous snapshot stays.
+    pub async fn watch_files(self: Arc<Self>, shutdown: CancellationToken) {
+        let files = logins::watched_files(&self.auth);
+        if files.is_empty() {
+            return;
+        }
+        let mut tick = tokio::time::interval(RELOAD_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let watched = files.clone();
+            let Ok(now) = tokio::task::spawn_blocking(move || logins::fingerprint(&watched)).await else {
+                continue;
+            };
+            if *lock(&self.fingerprint) == now {
+                continue;
+            }
+            // Remembered even if the new files are bad, so a bad file is reported once.
+            *lock(&self.fingerprint) = now;
+            self.reload().await;
+        }
+    }
+
+    async fn reload(&self) {
+        let generation = self.logins().generation + 1;
+        let (auth, hasher) = (self.auth.clone(), self.hasher.clone());
+        let read = tokio::task::spawn_blocking(move || logins::read(&auth, &hasher, generation)).await;
+        match read {
+            Ok(Ok(logins)) => {
+                let (users, tokens) = (logins.users(), logins.tokens());
+                *self
+                    .logins
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(logins);
+                lock(&self.verified).clear(generation);
+                tracing::info!(
+                    auth.users = users,
+                    auth.tokens = tokens,
+                    "identity files reloaded"
+                );
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "an identity file changed but cannot be used; the previous logins stay in force")
+            }
+            Err(e) => tracing::warn!(error = %e, "reloading the identity files failed"),
+        }
+    }
+}
+
+/// A place in the bcrypt queue, given back on drop (also when the request is dropped).
+struct Queued<'a>(&'a AtomicUsize);
+
+impl<'a> Queued<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Option<Self> {
+        if counter.fetch_add(1, Ordering::AcqRel) >= BCRYPT_QUEUE_MAX {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self(counter))
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
