@@ -21,7 +21,7 @@ use logins::{Fingerprint, Logins};
 use rules::{Rules, Subject};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 use throttle::{AddrKey, Admission, Throttle};
@@ -124,6 +124,10 @@ pub struct Access {
     checking: Mutex<HashMap<Key, Arc<PasswordCheck>>>,
     bcrypt_slots: Arc<Semaphore>,
     bcrypt_waiting: AtomicUsize,
+    /// bcrypt verifications run so far (tests and the benchmark read it).
+    password_checks: AtomicU64,
+    /// Changes of the identity files that could not be used (the previous logins stayed).
+    reload_failures: AtomicU64,
 }
 
 /// A std mutex never held across an await; poisoning only means a request panicked,
@@ -203,6 +207,8 @@ impl Access {
             checking: Mutex::default(),
             bcrypt_slots: Arc::new(Semaphore::new(bcrypt_slots())),
             bcrypt_waiting: AtomicUsize::new(0),
+            password_checks: AtomicU64::new(0),
+            reload_failures: AtomicU64::new(0),
         }))
     }
 
@@ -216,6 +222,23 @@ impl Access {
     /// Whether clients can log in (an htpasswd file or token files are configured).
     pub fn has_logins(&self) -> bool {
         self.auth.has_identity_source()
+    }
+
+    /// How many bcrypt verifications have run: one per credential until the identity
+    /// files change, however many requests carry it.
+    pub fn password_checks(&self) -> u64 {
+        self.password_checks.load(Ordering::Relaxed)
+    }
+
+    /// The identity files' generation: 0 as read at start-up, one more per reload.
+    pub fn generation(&self) -> u64 {
+        self.logins().generation
+    }
+
+    /// How many changes of the identity files were refused (a bad file; the previous
+    /// logins stayed in force).
+    pub fn reload_failures(&self) -> u64 {
+        self.reload_failures.load(Ordering::Relaxed)
     }
 
     fn logins(&self) -> Arc<Logins> {
@@ -330,6 +353,7 @@ impl Access {
                     retry_after: Duration::from_secs(1),
                 })?
         };
+        self.password_checks.fetch_add(1, Ordering::Relaxed);
         // The permit moves into the blocking task: the slot stays taken until bcrypt is
         // done even if this request is dropped meanwhile.
         let matched = tokio::task::spawn_blocking(move || {
@@ -453,9 +477,13 @@ impl Access {
                 );
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "an identity file changed but cannot be used; the previous logins stay in force")
+                self.reload_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "an identity file changed but cannot be used; the previous logins stay in force");
             }
-            Err(e) => tracing::warn!(error = %e, "reloading the identity files failed"),
+            Err(e) => {
+                self.reload_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "reloading the identity files failed");
+            }
         }
     }
 }

@@ -56,6 +56,7 @@ pub struct RunningServer {
     http: JoinHandle<std::io::Result<()>>,
     grace: std::time::Duration,
     cache: Arc<Cache>,
+    access: Arc<Access>,
     /// Held until the server is stopped or dropped.
     _lock: DataDirLock,
 }
@@ -192,6 +193,7 @@ pub async fn start_with_store(
         http,
         grace: config.server.shutdown_grace.to_std(),
         cache,
+        access,
         _lock: lock,
     })
 }
@@ -289,6 +291,10 @@ impl RunningServer {
 
     pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
+    }
+
+    pub fn access(&self) -> &Arc<Access> {
+        &self.access
     }
 
     /// Stops accepting, lets requests and background work finish within the grace

@@ -74,6 +74,11 @@ impl TestApp {
         }
     }
 
+    /// The running server (panics after `stop`).
+    pub fn server(&self) -> &RunningServer {
+        self.server.as_ref().expect("the server is running")
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.config.server.data_dir.clone()
     }

@@ -16,6 +16,7 @@ pub mod external;
 pub mod failing_store;
 pub mod fixture_upstream;
 pub mod images;
+pub mod logins;
 pub mod logs;
 
 use std::future::Future;
