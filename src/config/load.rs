@@ -318,6 +318,13 @@ mod tests {
             "name_regex_delete",
             "name_regex_keep",
             "cadence",
+            "htpasswd_file",
+            "token_files",
+            "identities",
+            "groups",
+            "anonymous",
+            "pull",
+            "admin",
         ];
         for key in keys {
             assert!(
