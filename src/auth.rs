@@ -7,6 +7,8 @@
 
 mod credentials;
 mod logins;
+mod passwords;
+mod reload;
 mod rules;
 mod throttle;
 mod verified;
@@ -23,10 +25,9 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant};
-use throttle::{AddrKey, Admission, Throttle};
+use std::time::Duration;
+use throttle::{AddrKey, Throttle};
 use tokio::sync::{OnceCell, Semaphore};
-use tokio_util::sync::CancellationToken;
 use verified::Verified;
 
 /// The challenge of every 401: Basic is what Docker, containerd, Podman and skopeo all
@@ -38,12 +39,6 @@ pub const ADMIN_CHALLENGES: [&str; 2] = [
     "Bearer realm=\"regcache-admin\"",
     "Basic realm=\"regcache-admin\"",
 ];
-/// How often the identity files are looked at for changes (one `stat` each): a change
-/// takes effect within this.
-const RELOAD_CHECK: Duration = Duration::from_secs(1);
-/// Logins waiting for a bcrypt slot at most; past it new ones are answered 429. At about
-/// 50–250 ms per check this is already many seconds of work.
-const BCRYPT_QUEUE_MAX: usize = 256;
 
 /// Who made a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,8 +113,8 @@ pub struct Access {
     /// The identity files as last read; swapped whole on reload.
     logins: RwLock<Arc<Logins>>,
     fingerprint: Mutex<Fingerprint>,
-    verified: Mutex<Verified>,
-    throttle: Mutex<Throttle>,
+    verified: Arc<Mutex<Verified>>,
+    throttle: Arc<Mutex<Throttle>>,
     /// bcrypt checks in progress, one per credential however many requests carry it.
     checking: Mutex<HashMap<Key, Arc<PasswordCheck>>>,
     bcrypt_slots: Arc<Semaphore>,
@@ -134,13 +129,6 @@ pub struct Access {
 /// which leaves these maps consistent.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// bcrypt checks at once: half the cores (at least one, at most four), so a login
-/// flood leaves the rest of the machine — and the blocking pool's SQLite work — running.
-fn bcrypt_slots() -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    (cores / 2).clamp(1, 4)
 }
 
 /// The client's address: `ConnectInfo`, which the server's listener inserts into every
@@ -202,10 +190,10 @@ impl Access {
             hasher,
             logins: RwLock::new(Arc::new(logins)),
             fingerprint: Mutex::new(fingerprint),
-            verified: Mutex::default(),
-            throttle: Mutex::default(),
+            verified: Arc::default(),
+            throttle: Arc::default(),
             checking: Mutex::default(),
-            bcrypt_slots: Arc::new(Semaphore::new(bcrypt_slots())),
+            bcrypt_slots: Arc::new(Semaphore::new(passwords::bcrypt_slots())),
             bcrypt_waiting: AtomicUsize::new(0),
             password_checks: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
@@ -290,95 +278,6 @@ impl Access {
         Refused::BadLogin
     }
 
-    /// Waits until the client's address may have new credentials checked.
-    async fn wait_for_slot(&self, client: Client) -> Result<(), Refused> {
-        let admission = lock(&self.throttle).admit(client.key, Instant::now());
-        match admission {
-            Admission::Now => Ok(()),
-            Admission::After(wait) => {
-                tokio::time::sleep(wait).await;
-                Ok(())
-            }
-            Admission::Refused { retry_after } => Err(Refused::Busy { retry_after }),
-        }
-    }
-
-    /// A Basic login: from the verified cache, or one bcrypt check shared by every
-    /// request presenting the same credentials meanwhile.
-    async fn check_password(
-        &self,
-        user: String,
-        password: String,
-        client: Client,
-    ) -> Result<Arc<str>, Refused> {
-        let key = self.hasher.basic(&user, &password);
-        let logins = self.logins();
-        if let Some(name) = lock(&self.verified).get(&key, logins.generation) {
-            return Ok(name);
-        }
-        let cell = lock(&self.checking).entry(key).or_default().clone();
-        let outcome = cell
-            .get_or_init(|| self.verify_password(user, password, key, logins, client))
-            .await
-            .clone();
-        let mut checking = lock(&self.checking);
-        if checking.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            checking.remove(&key);
-        }
-        outcome
-    }
-
-    async fn verify_password(
-        &self,
-        user: String,
-        password: String,
-        key: Key,
-        logins: Arc<Logins>,
-        client: Client,
-    ) -> Result<Arc<str>, Refused> {
-        self.wait_for_slot(client).await?;
-        let Some(check) = logins.password_check(&user) else {
-            return Err(self.failed_now(client, &user));
-        };
-        let permit = {
-            let _queued = Queued::enter(&self.bcrypt_waiting).ok_or(Refused::Busy {
-                retry_after: Duration::from_secs(1),
-            })?;
-            // The semaphore is never closed.
-            self.bcrypt_slots
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| Refused::Busy {
-                    retry_after: Duration::from_secs(1),
-                })?
-        };
-        self.password_checks.fetch_add(1, Ordering::Relaxed);
-        // The permit moves into the blocking task: the slot stays taken until bcrypt is
-        // done even if this request is dropped meanwhile.
-        let matched = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            bcrypt::verify(password.as_bytes(), &check.hash).unwrap_or(false) && check.counts
-        })
-        .await
-        .unwrap_or(false);
-        if !matched {
-            return Err(self.failed_now(client, &user));
-        }
-        let name: Arc<str> = Arc::from(user.as_str());
-        lock(&self.verified).insert(key, name.clone(), logins.generation);
-        tracing::debug!(auth.user = %user, "login verified");
-        Ok(name)
-    }
-
-    /// A Basic login that failed its check (which already waited for its slot). The user
-    /// name is logged to help the operator; the password never is.
-    fn failed_now(&self, client: Client, user: &str) -> Refused {
-        lock(&self.throttle).failed(client.key, Instant::now());
-        tracing::info!(client.addr = %client, auth.kind = "basic", auth.user = %user, "login failed");
-        Refused::BadLogin
-    }
-
     /// The one admin check: the admin API uses it, and so should any other operator
     /// endpoint (status page, metrics). Grants the admin token (as `Bearer <token>`, or as
     /// the password of a Basic login with any user name, so a browser can ask for it),
@@ -429,80 +328,5 @@ impl Access {
             .filter(|u| self.rules.anonymous_may_pull_from(&u.name))
             .map(|u| u.name.as_str())
             .collect()
-    }
-
-    /// Re-reads the identity files when one changes (looked at every second) until
-    /// `shutdown`. A file that cannot be used is logged and the previous snapshot stays.
-    pub async fn watch_files(self: Arc<Self>, shutdown: CancellationToken) {
-        let files = logins::watched_files(&self.auth);
-        if files.is_empty() {
-            return;
-        }
-        let mut tick = tokio::time::interval(RELOAD_CHECK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let watched = files.clone();
-            let Ok(now) = tokio::task::spawn_blocking(move || logins::fingerprint(&watched)).await else {
-                continue;
-            };
-            if *lock(&self.fingerprint) == now {
-                continue;
-            }
-            // Remembered even if the new files are bad, so a bad file is reported once.
-            *lock(&self.fingerprint) = now;
-            self.reload().await;
-        }
-    }
-
-    async fn reload(&self) {
-        let generation = self.logins().generation + 1;
-        let (auth, hasher) = (self.auth.clone(), self.hasher.clone());
-        let read = tokio::task::spawn_blocking(move || logins::read(&auth, &hasher, generation)).await;
-        match read {
-            Ok(Ok(logins)) => {
-                let (users, tokens) = (logins.users(), logins.tokens());
-                *self
-                    .logins
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(logins);
-                lock(&self.verified).clear(generation);
-                tracing::info!(
-                    auth.users = users,
-                    auth.tokens = tokens,
-                    "identity files reloaded"
-                );
-            }
-            Ok(Err(e)) => {
-                self.reload_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "an identity file changed but cannot be used; the previous logins stay in force");
-            }
-            Err(e) => {
-                self.reload_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "reloading the identity files failed");
-            }
-        }
-    }
-}
-
-/// A place in the bcrypt queue, given back on drop (also when the request is dropped).
-struct Queued<'a>(&'a AtomicUsize);
-
-impl<'a> Queued<'a> {
-    fn enter(counter: &'a AtomicUsize) -> Option<Self> {
-        if counter.fetch_add(1, Ordering::AcqRel) >= BCRYPT_QUEUE_MAX {
-            counter.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Self(counter))
-    }
-}
-
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -129,6 +129,11 @@ impl Throttle {
     fn len(&self) -> usize {
         self.entries.len()
     }
+
+    #[cfg(test)]
+    pub(super) fn failures(&self, addr: AddrKey) -> u32 {
+        self.entries.get(&addr).map_or(0, |e| e.failures)
+    }
 }
 
 #[cfg(test)]
