@@ -141,6 +141,11 @@ impl Cache {
         }))
     }
 
+    /// Digests of the blobs being streamed to clients right now.
+    pub fn blobs_being_served(&self) -> Vec<String> {
+        self.active.snapshot()
+    }
+
     pub fn metadata(&self) -> &Metadata {
         &self.meta
     }

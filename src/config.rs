@@ -151,6 +151,52 @@ pub struct ServerConfig {
     /// How long shutdown waits for in-flight requests and transfers. Default `30s`.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: Duration,
+    /// Longest time a client may take to send a request's headers, from the connection's
+    /// start or its first byte after an idle spell; then the connection is closed.
+    /// Default `30s`.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: Duration,
+    /// A keep-alive connection with no request for this long is closed. Default `75s`.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Duration,
+    /// A response the client takes no bytes of for this long is ended and its connection
+    /// closed. Default `60s`.
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: Duration,
+    /// Open client connections, per listener, past which new ones are refused at once.
+    /// Default 10000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// HTTPS on `listen` (and on `admin.listen`). Default: plain HTTP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: the listeners speak TLS 1.2 and 1.3 (rustls), offering HTTP/2 and
+/// HTTP/1.1 by ALPN. The files are read again when they change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's certificate first.
+    pub cert_file: PathBuf,
+    /// PEM private key of that certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA certificates client certificates must chain to. Default: none; clients
+    /// are not asked for a certificate.
+    pub client_ca_file: Option<PathBuf>,
+    /// With `client_ca_file`: whether a client must present a certificate. Default
+    /// `required`.
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// Whether a client certificate is required (`server.tls.client_auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Clients without a certificate are served too; one that presents a certificate
+    /// must present a valid one.
+    Optional,
+    /// The handshake fails without a valid client certificate.
+    Required,
 }
 
 impl Default for ServerConfig {
@@ -159,6 +205,11 @@ impl Default for ServerConfig {
             listen: default_listen(),
             data_dir: default_data_dir(),
             shutdown_grace: default_shutdown_grace(),
+            header_timeout: default_header_timeout(),
+            idle_timeout: default_idle_timeout(),
+            send_timeout: default_send_timeout(),
+            max_connections: default_max_connections(),
+            tls: None,
         }
     }
 }
@@ -389,6 +440,26 @@ fn default_data_dir() -> PathBuf {
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
+}
+/// nginx's `client_header_timeout` (60 s) halved: a real client sends its headers in one
+/// packet, so anything slower is a stalled or hostile one holding a connection.
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+/// nginx's `keepalive_timeout`: below Go's `IdleConnTimeout` (90 s, containerd's and
+/// Docker's clients), so a client pulling layer after layer keeps its connection, while
+/// an abandoned one is closed within a minute and a quarter.
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(75)
+}
+/// nginx's `send_timeout`.
+fn default_send_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+/// See README, "Connections": room for a large site's nodes with a few connections each,
+/// at about two file descriptors and 13 KiB of memory per idle connection.
+fn default_max_connections() -> usize {
+    10_000
 }
 fn default_region() -> String {
     "us-east-1".into()

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod fault;
 pub mod glob;
+pub mod identity;
 pub mod imagelist;
 pub mod metadata;
 pub mod oci;

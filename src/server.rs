@@ -1,10 +1,15 @@
-//! Assembling and running the server: opens metadata and storage, builds the upstream
-//! clients and the cache, binds the listener, and stops everything on one shutdown signal
+//! Assembling and running the server: binds the listeners, opens metadata and storage,
+//! builds the upstream clients and the cache, and stops everything on one shutdown signal
 //! with a bounded drain.
 
+mod activity;
+mod connection;
+mod listener;
 mod lock;
+mod tls;
 
 pub use lock::{DataDirLock, LockError};
+pub use tls::TlsReloads;
 
 use crate::auth::{Access, AuthError};
 use crate::cache::{ActiveBlobs, Cache, CacheParts, CacheSettings, UseBuffer};
@@ -37,12 +42,18 @@ pub enum ServerError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error(
+        "{key} = {addr:?}: cannot listen there: {source}; stop what holds the address or set another in {key}"
+    )]
     Bind {
+        /// The config key naming the address.
+        key: &'static str,
         addr: String,
         #[source]
         source: std::io::Error,
     },
+    #[error("{key}: {message}")]
+    Tls { key: &'static str, message: String },
     #[error("server task failed: {0}")]
     Task(String),
 }
@@ -53,9 +64,11 @@ pub struct RunningServer {
     addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: TaskTracker,
-    http: JoinHandle<std::io::Result<()>>,
+    http: JoinHandle<()>,
     grace: std::time::Duration,
     cache: Arc<Cache>,
+    connections: listener::OpenConnections,
+    tls: Option<Arc<tls::Tls>>,
     access: Arc<Access>,
     /// Held until the server is stopped or dropped.
     _lock: DataDirLock,
@@ -74,6 +87,20 @@ pub async fn start_with_store(
 ) -> Result<RunningServer, ServerError> {
     // The identity files first: a bad one stops the start before anything is touched.
     let access = Access::load(&config).await?;
+    // Then the listeners: a port in use must fail before the database is created or changed.
+    let limits = listener::Limits::from_config(&config.server);
+    let registry_listener = listener::Serving::bind("server.listen", &config.server.listen, limits).await?;
+    let admin_listener = match &config.admin.listen {
+        Some(addr) => Some(listener::Serving::bind("admin.listen", addr, limits).await?),
+        None => None,
+    };
+    listener::raise_fd_limit(limits.max_connections * if admin_listener.is_some() { 2 } else { 1 });
+    let tls = match &config.server.tls {
+        Some(settings) => Some(tls::Tls::load(settings).await?),
+        None => None,
+    };
+    let registry_listener = registry_listener.with_tls(tls.clone());
+    let admin_listener = admin_listener.map(|l| l.with_tls(tls.clone()));
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.display().to_string(),
@@ -120,18 +147,12 @@ pub async fn start_with_store(
         path: tmp_dir.display().to_string(),
         source,
     })?;
-    let listener = tokio::net::TcpListener::bind(&config.server.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.server.listen.clone(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.server.listen.clone(),
-        source,
-    })?;
+    let addr = registry_listener.local_addr();
     tasks.spawn(cache.clone().run_background());
     tasks.spawn(access.clone().watch_files(shutdown.clone()));
+    if let Some(tls) = &tls {
+        tasks.spawn(tls.clone().watch(shutdown.clone()));
+    }
     Scheduler {
         meta,
         store,
@@ -146,37 +167,15 @@ pub async fn start_with_store(
     }
     .spawn(&tasks);
     let registry = crate::registry::router(cache.clone(), access.clone());
-    let app = match &config.admin.listen {
+    let app = match admin_listener {
         None => registry.merge(admin),
-        Some(admin_addr) => {
-            let admin_listener = tokio::net::TcpListener::bind(admin_addr)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: admin_addr.clone(),
-                    source,
-                })?;
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
-                let admin = admin.into_make_service_with_connect_info::<SocketAddr>();
-                let served = axum::serve(admin_listener, admin)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "admin listener failed");
-                }
-            });
+        Some(admin_listener) => {
+            tasks.spawn(admin_listener.run(admin, shutdown.clone()));
             registry
         }
     };
-    let stop = shutdown.clone();
-    // The client's address reaches every request (`ConnectInfo`): failed logins are
-    // slowed per address.
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-    });
+    let connections = registry_listener.open_connections();
+    let http = tokio::spawn(registry_listener.run(app, shutdown.clone()));
     tracing::info!(
         listen.addr = %addr,
         data.dir = %data_dir.display(),
@@ -193,6 +192,8 @@ pub async fn start_with_store(
         http,
         grace: config.server.shutdown_grace.to_std(),
         cache,
+        connections,
+        tls,
         access,
         _lock: lock,
     })
@@ -293,6 +294,16 @@ impl RunningServer {
         &self.cache
     }
 
+    /// What reloading the TLS files did so far; `None` without `[server.tls]`.
+    pub fn tls_reloads(&self) -> Option<TlsReloads> {
+        self.tls.as_ref().map(|t| t.reloads())
+    }
+
+    /// Client connections open on the registry listener.
+    pub fn open_connections(&self) -> usize {
+        self.connections.count()
+    }
+
     pub fn access(&self) -> &Arc<Access> {
         &self.access
     }
@@ -309,8 +320,7 @@ impl RunningServer {
         })
         .await;
         match drained {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(ServerError::Task(e.to_string())),
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(ServerError::Task(e.to_string())),
             Err(_) => {
                 tracing::warn!(

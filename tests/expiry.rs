@@ -16,6 +16,7 @@ use common::binary::run_ok_async;
 use common::data_dir::{all_deferred, blob_files, blob_path, count, db, entries, leftovers, ENTRY_TABLES};
 use common::failing_store::{FailingStore, INJECTED};
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
+use common::held::HeldResponse;
 use common::images::{sha256_digest, Image, Index, ACCEPT_ALL_MANIFESTS};
 use common::wait_until_async;
 use regcache::config::{Config, Duration as CfgDuration};
@@ -1048,71 +1049,6 @@ async fn size_bound_evicts_least_recently_used_down_to_low_watermark() {
         1,
         "the evicted layer is refetched"
     );
-}
-
-/// A GET whose response is held: headers read, body left unread. The receive buffer is
-/// pinned small before connecting, which turns off the kernel's receive autotuning; with
-/// it on, loopback buffers grow to `tcp_rmem`'s maximum (32 MiB on some machines) and
-/// the server could finish sending a "held" blob and release it.
-struct HeldResponse {
-    stream: tokio::net::TcpStream,
-    /// What was read past the headers.
-    body_start: Vec<u8>,
-    status: u16,
-    content_length: usize,
-}
-
-impl HeldResponse {
-    async fn get(base: &str, path: &str) -> HeldResponse {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr: std::net::SocketAddr = base
-            .trim_start_matches("http://")
-            .parse()
-            .expect("regcache address");
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket.set_recv_buffer_size(64 << 10).expect("SO_RCVBUF");
-        let mut stream = socket.connect(addr).await.expect("connect to regcache");
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.expect("send request");
-        let mut buf = Vec::new();
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await.expect("read headers");
-            assert!(n > 0, "connection closed before the headers ended");
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("status line");
-        let content_length = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("content-length header");
-        HeldResponse {
-            stream,
-            body_start: buf[end..].to_vec(),
-            status,
-            content_length,
-        }
-    }
-
-    async fn body(mut self) -> Vec<u8> {
-        use tokio::io::AsyncReadExt;
-        let mut body = self.body_start;
-        self.stream
-            .read_to_end(&mut body)
-            .await
-            .expect("held stream completes");
-        assert_eq!(body.len(), self.content_length, "the whole body arrived");
-        body
-    }
 }
 
 /// A blob being streamed to a client is never evicted, even when it is the least

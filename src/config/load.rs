@@ -226,6 +226,35 @@ mod tests {
     }
 
     #[test]
+    fn connection_limits_must_be_positive() {
+        for (var, key) in [
+            ("REGCACHE_SERVER__HEADER_TIMEOUT", "server.header_timeout"),
+            ("REGCACHE_SERVER__IDLE_TIMEOUT", "server.idle_timeout"),
+            ("REGCACHE_SERVER__SEND_TIMEOUT", "server.send_timeout"),
+            ("REGCACHE_SERVER__MAX_CONNECTIONS", "server.max_connections"),
+        ] {
+            let e = load(None, env(&[(var, "0")])).unwrap_err();
+            assert_eq!(err_key(e), key);
+        }
+        let c = load(None, env(&[("REGCACHE_SERVER__SEND_TIMEOUT", "2m")])).unwrap();
+        assert_eq!(c.server.send_timeout.as_secs(), 120);
+    }
+
+    #[test]
+    fn client_auth_needs_a_client_ca() {
+        let f = toml_file(
+            "[server.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nclient_auth = \"optional\"\n",
+        );
+        assert_eq!(
+            err_key(load(Some(f.path()), env(&[])).unwrap_err()),
+            "server.tls.client_auth"
+        );
+        let f =
+            toml_file("[server.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nclient_auth = \"maybe\"\n");
+        assert!(load(Some(f.path()), env(&[])).is_err());
+    }
+
+    #[test]
     fn password_file_is_read_and_redacted() {
         let secret = toml_file("s3cr3t\n");
         let f = toml_file(&format!(
@@ -269,6 +298,14 @@ mod tests {
             "listen",
             "data_dir",
             "shutdown_grace",
+            "header_timeout",
+            "idle_timeout",
+            "send_timeout",
+            "max_connections",
+            "cert_file",
+            "key_file",
+            "client_ca_file",
+            "client_auth",
             "backend",
             "fsync",
             "enabled",

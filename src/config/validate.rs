@@ -17,6 +17,9 @@ pub(super) fn validate(config: &mut Config) -> Result<(), ConfigError> {
         return Err(invalid("server.data_dir", "must not be empty"));
     }
     for (key, d) in [
+        ("server.header_timeout", config.server.header_timeout),
+        ("server.idle_timeout", config.server.idle_timeout),
+        ("server.send_timeout", config.server.send_timeout),
         ("proxy.connect_timeout", config.proxy.connect_timeout),
         ("proxy.read_timeout", config.proxy.read_timeout),
         ("proxy.revalidate_timeout", config.proxy.revalidate_timeout),
@@ -24,6 +27,18 @@ pub(super) fn validate(config: &mut Config) -> Result<(), ConfigError> {
         if d.is_zero() {
             return Err(invalid(key, "must be greater than 0"));
         }
+    }
+    if let Some(tls) = &config.server.tls {
+        if tls.client_auth.is_some() && tls.client_ca_file.is_none() {
+            return Err(invalid(
+                "server.tls.client_auth",
+                "needs server.tls.client_ca_file, the CA that client certificates must chain to",
+            ));
+        }
+    }
+    // Past a million the file-descriptor limit of any common system is the bound anyway.
+    if config.server.max_connections == 0 || config.server.max_connections > 1_000_000 {
+        return Err(invalid("server.max_connections", "must be between 1 and 1000000"));
     }
     if !matches!(config.log.format.as_str(), "text" | "json") {
         return Err(invalid(

@@ -8,18 +8,18 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use object_store::{GetOptions, GetRange, ObjectStoreExt};
+use std::collections::VecDeque;
+use std::future::Future;
 use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
 
 /// Size of one mapped window when streaming a local file, and the alignment of windows
 /// in the file (a multiple of every page size, as mapping offsets must be). Large enough
 /// that mapping, pre-faulting and unmapping cost little per byte; small enough that the
 /// windows in flight per stream stay cheap in RSS.
 const LOCAL_WINDOW_BYTES: u64 = 2 * 1024 * 1024;
-/// Windows mapped ahead of the client per stream: mapping overlaps sending. At most this
-/// many wait in the channel, one more is being mapped, and hyper holds one or two it is
-/// writing, so a stream keeps about (3 + this) × `LOCAL_WINDOW_BYTES` mapped.
-const READ_AHEAD_WINDOWS: usize = 1;
-
 /// A blob's bytes on their way out.
 pub type BlobBody = BoxStream<'static, Result<Bytes, std::io::Error>>;
 
@@ -93,16 +93,22 @@ impl BlobStore {
     }
 }
 
-/// Streams `range` of `file` as memory-mapped windows from one blocking thread, so the
-/// only copy of the bytes is the kernel's, from the page cache into the socket.
+/// Streams `range` of `file` as memory-mapped windows, so the only copy of the bytes is
+/// the kernel's, from the page cache into the socket.
 ///
 /// Each window is its own mapping of at most `LOCAL_WINDOW_BYTES`, aligned to that size
 /// in the file (so every mapping offset is page-aligned; an unaligned range start maps
-/// from the window's start and slices). The thread pre-faults a window (`MAP_POPULATE`)
-/// before sending it, so the async runtime never waits on the disk or takes page faults
-/// while hyper writes it; the window is unmapped when hyper drops the last `Bytes` of it.
-/// Mapped pages count in the process's RSS only while mapped, which the bounded channel
-/// keeps to a few windows per stream. The thread stops when the client goes away.
+/// from the window's start and slices). A window is mapped and pre-faulted
+/// (`MAP_POPULATE`) by one short call on the blocking pool, so the async runtime never
+/// waits on the disk or takes page faults while hyper writes it; the window is unmapped
+/// when hyper drops the last `Bytes` of it.
+///
+/// The stream maps `READ_AHEAD_WINDOWS` windows ahead: handing out window k starts mapping
+/// k + 2, which overlaps mapping with sending; at most `MAPPING_MAX` windows are being mapped at once
+/// across all streams. Nothing else runs between polls, so a client that stops reading
+/// holds no thread of the blocking pool (a thread blocked on a full channel per stalled
+/// client would drain the pool, and every SQLite call waits on that pool), only the
+/// windows already mapped: about four per stream, counted in RSS while mapped.
 ///
 /// Mapping is safe because a committed blob file is never written again: it is written
 /// as a temp file and renamed into place, deletion unlinks it and quarantine renames it,
@@ -110,25 +116,116 @@ impl BlobStore {
 /// mapping could fault (SIGBUS); the length is re-checked before each window so a file
 /// found shorter than expected ends the body with an error instead.
 fn read_ahead(file: std::fs::File, range: Range<u64>) -> BlobBody {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(READ_AHEAD_WINDOWS);
-    tokio::task::spawn_blocking(move || {
-        let mut at = range.start;
-        while at < range.end {
-            let window = map_window(&file, at, range.end);
-            let next = match &window {
-                Ok(bytes) => Some(at + bytes.len() as u64),
-                Err(_) => None,
+    let mut windows = Windows {
+        file: Arc::new(file),
+        next_at: range.start,
+        end: range.end,
+        queue: VecDeque::with_capacity(READ_AHEAD_WINDOWS),
+    };
+    futures::stream::poll_fn(move |cx| windows.poll_next(cx)).boxed()
+}
+
+/// Windows mapped (or being mapped) ahead of the one hyper is sending. Two give the
+/// blocking pool a window's sending time and more to map the next one, which matters on a
+/// busy machine where its thread may wait for a core; each costs a mapped window in RSS.
+const READ_AHEAD_WINDOWS: usize = 2;
+
+/// The windows of one stream, in order.
+struct Windows {
+    file: Arc<std::fs::File>,
+    /// Where the next window not yet started begins.
+    next_at: u64,
+    end: u64,
+    /// Each started window with the offset it starts at.
+    queue: VecDeque<(u64, Next)>,
+}
+
+impl Windows {
+    fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<Result<Bytes, std::io::Error>>> {
+        loop {
+            while self.queue.len() < READ_AHEAD_WINDOWS && self.next_at < self.end {
+                let at = self.next_at;
+                self.next_at = (at - at % LOCAL_WINDOW_BYTES + LOCAL_WINDOW_BYTES).min(self.end);
+                self.queue.push_back((at, Next::start(&self.file, at, self.end)));
+            }
+            let Some((at, front)) = self.queue.front_mut() else {
+                return Poll::Ready(None);
             };
-            if tx.blocking_send(window).is_err() {
-                return;
+            let at = *at;
+            let mapped = match front {
+                Next::Waiting(permit) => match std::task::ready!(permit.as_mut().poll(cx)) {
+                    Ok(permit) => {
+                        *front = Next::Mapping(map(&self.file, at, self.end, permit));
+                        continue;
+                    }
+                    Err(closed) => Err(std::io::Error::other(closed)),
+                },
+                Next::Mapping(handle) => std::task::ready!(Pin::new(handle).poll(cx))
+                    .map_err(std::io::Error::other)
+                    .and_then(|window| window),
+            };
+            self.queue.pop_front();
+            match &mapped {
+                // An error ends the body.
+                Err(_) => {
+                    self.queue.clear();
+                    self.next_at = self.end;
+                }
+                // The file ended inside this window (it is shorter than its recorded
+                // size): map again from there, which fails with `UnexpectedEof`.
+                Ok(bytes)
+                    if at + (bytes.len() as u64) < self.queue.front().map_or(self.next_at, |(a, _)| *a) =>
+                {
+                    self.queue.clear();
+                    self.next_at = at + bytes.len() as u64;
+                }
+                Ok(_) => {}
             }
-            match next {
-                Some(n) => at = n,
-                None => return,
-            }
+            return Poll::Ready(Some(mapped));
         }
-    });
-    tokio_stream_from(rx)
+    }
+}
+
+/// Windows being mapped at once, across all streams. Mapping is page-table work (or disk
+/// reads on a cold page cache) on the blocking pool; a burst of clients must not fill
+/// that pool with mapping threads that SQLite calls then compete with for the cores.
+/// Sixteen keep a disk's queue busy on a cold cache and cost nothing on a warm one.
+const MAPPING_MAX: usize = 16;
+static MAPPING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAPPING_MAX);
+
+/// The next window of a stream.
+enum Next {
+    /// Waiting for a place among the `MAPPING_MAX` windows being mapped.
+    Waiting(Pin<Box<dyn Future<Output = PermitResult> + Send>>),
+    /// Being mapped on the blocking pool.
+    Mapping(tokio::task::JoinHandle<Result<Bytes, std::io::Error>>),
+}
+
+type PermitResult = Result<tokio::sync::SemaphorePermit<'static>, tokio::sync::AcquireError>;
+
+impl Next {
+    /// Starts mapping the window at `at` at once when there is a place (the common case:
+    /// the read-ahead overlaps sending), else waits for one on the stream's next poll.
+    fn start(file: &Arc<std::fs::File>, at: u64, end: u64) -> Next {
+        match MAPPING.try_acquire() {
+            Ok(permit) => Next::Mapping(map(file, at, end, permit)),
+            Err(_) => Next::Waiting(Box::pin(MAPPING.acquire())),
+        }
+    }
+}
+
+fn map(
+    file: &Arc<std::fs::File>,
+    at: u64,
+    end: u64,
+    permit: tokio::sync::SemaphorePermit<'static>,
+) -> tokio::task::JoinHandle<Result<Bytes, std::io::Error>> {
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || {
+        let window = map_window(&file, at, end);
+        drop(permit);
+        window
+    })
 }
 
 /// Maps the window of `file` holding offset `at` (up to `end`, and never past the file's
@@ -156,10 +253,6 @@ fn map_window(file: &std::fs::File, at: u64, end: u64) -> Result<Bytes, std::io:
             .map(file)?
     };
     Ok(Bytes::from_owner(map).slice(skip..))
-}
-
-fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>) -> BlobBody {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
 }
 
 #[cfg(test)]

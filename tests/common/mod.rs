@@ -15,9 +15,11 @@ pub mod data_dir;
 pub mod external;
 pub mod failing_store;
 pub mod fixture_upstream;
+pub mod held;
 pub mod images;
 pub mod logins;
 pub mod logs;
+pub mod tls;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
