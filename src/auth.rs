@@ -15,7 +15,8 @@ mod verified;
 
 pub use logins::AuthError;
 
-use crate::config::{AuthConfig, Config, Secret};
+use crate::config::{AuthConfig, CertIdentity, Config, Secret};
+use crate::identity::ClientCert;
 use axum::extract::ConnectInfo;
 use axum::http::{Extensions, HeaderMap};
 use credentials::{Hasher, Key, Presented};
@@ -56,6 +57,7 @@ pub enum Who {
 pub enum Via {
     Password,
     Token,
+    Certificate,
 }
 
 impl Who {
@@ -107,6 +109,10 @@ type PasswordCheck = OnceCell<Result<Arc<str>, Refused>>;
 #[derive(Debug)]
 pub struct Access {
     auth: AuthConfig,
+    /// Whether any client can be an identity (logins or named client certificates).
+    identities: bool,
+    /// What names the identity of a verified client certificate, if anything.
+    cert_identity: Option<CertIdentity>,
     rules: Rules,
     admin_token: Option<Secret>,
     hasher: Hasher,
@@ -184,7 +190,9 @@ impl Access {
             })??
         };
         Ok(Arc::new(Self {
-            rules: Rules::new(&auth),
+            rules: Rules::new(config),
+            identities: config.has_identity_source(),
+            cert_identity: config.cert_identity(),
             auth,
             admin_token: config.admin.token.clone(),
             hasher,
@@ -207,9 +215,10 @@ impl Access {
         Ok((l.users(), l.tokens()))
     }
 
-    /// Whether clients can log in (an htpasswd file or token files are configured).
+    /// Whether clients can log in with a password or token (an htpasswd file or token
+    /// files are configured): then an anonymous client is asked to log in.
     pub fn has_logins(&self) -> bool {
-        self.auth.has_identity_source()
+        self.auth.has_logins()
     }
 
     /// How many bcrypt verifications have run: one per credential until the identity
@@ -236,32 +245,59 @@ impl Access {
             .clone()
     }
 
-    /// Who sent a request with these headers. Without identity sources every request is
-    /// anonymous, whatever it carries (clients send stored logins to any registry).
+    /// Who sent a request with these headers, on a connection with these extensions.
+    /// Credentials in `Authorization` win over a client certificate. Without logins the
+    /// header is ignored whatever it carries (clients send stored logins to any
+    /// registry), and without any identity source every request is anonymous.
     pub async fn authenticate(&self, headers: &HeaderMap, extensions: &Extensions) -> Result<Who, Refused> {
-        if !self.has_logins() {
+        if !self.identities {
             return Ok(Who::Anonymous);
         }
-        let presented = Presented::from_header(headers.get(axum::http::header::AUTHORIZATION));
-        let client = Client::of(extensions);
-        match presented {
-            Presented::Nothing => Ok(Who::Anonymous),
-            Presented::Basic { user, password } => {
-                let name = self.check_password(user, password, client).await?;
-                Ok(Who::Identity {
-                    name,
-                    via: Via::Password,
-                })
+        if self.has_logins() {
+            let client = Client::of(extensions);
+            match Presented::from_header(headers.get(axum::http::header::AUTHORIZATION)) {
+                Presented::Nothing => {}
+                Presented::Basic { user, password } => {
+                    let name = self.check_password(user, password, client).await?;
+                    return Ok(Who::Identity {
+                        name,
+                        via: Via::Password,
+                    });
+                }
+                Presented::Bearer(token) => {
+                    return match self.logins().token_identity(&self.hasher.token(&token)) {
+                        Some(name) => Ok(Who::Identity {
+                            name,
+                            via: Via::Token,
+                        }),
+                        None => Err(self.failed(client, "bearer")),
+                    }
+                }
+                Presented::Malformed => return Err(self.failed(client, "malformed")),
             }
-            Presented::Bearer(token) => match self.logins().token_identity(&self.hasher.token(&token)) {
-                Some(name) => Ok(Who::Identity {
-                    name,
-                    via: Via::Token,
-                }),
-                None => Err(self.failed(client, "bearer")),
-            },
-            Presented::Malformed => Err(self.failed(client, "malformed")),
         }
+        Ok(self.certificate_identity(extensions).unwrap_or(Who::Anonymous))
+    }
+
+    /// The identity a verified client certificate names (`auth.cert_identity`). A
+    /// certificate without that part names none: its client is anonymous.
+    fn certificate_identity(&self, extensions: &Extensions) -> Option<Who> {
+        let part = self.cert_identity?;
+        let cert = extensions.get::<Arc<ClientCert>>()?;
+        let name = match part {
+            CertIdentity::Cn => cert.common_name.as_ref(),
+            CertIdentity::SanDns => cert.dns_names.first(),
+            CertIdentity::SanEmail => cert.emails.first(),
+            CertIdentity::SanUri => cert.uris.first(),
+        };
+        let Some(name) = name.filter(|n| !n.is_empty()) else {
+            tracing::debug!(auth.cert_identity = ?part, "the client certificate names no identity; the client is anonymous");
+            return None;
+        };
+        Some(Who::Identity {
+            name: Arc::from(name.as_str()),
+            via: Via::Certificate,
+        })
     }
 
     /// Whether `who` may pull `repo` (as the upstream knows it) through the upstream
@@ -298,12 +334,11 @@ impl Access {
                 return AdminAccess::Granted(AdminUser::Token);
             }
         }
-        let who = if self.has_logins() {
-            self.authenticate(headers, extensions).await
-        } else if presented == Presented::Nothing {
-            Ok(Who::Anonymous)
-        } else {
+        let who = if !self.has_logins() && presented != Presented::Nothing {
+            // Not the admin token, and no logins to check it against.
             Err(self.failed(Client::of(extensions), "admin-token"))
+        } else {
+            self.authenticate(headers, extensions).await
         };
         match who {
             Ok(Who::Anonymous) | Err(Refused::BadLogin) => AdminAccess::Unauthenticated,

@@ -9,7 +9,7 @@ mod secret;
 mod size;
 mod validate;
 
-pub use auth::{AuthConfig, AuthRule};
+pub use auth::{AuthConfig, AuthRule, CertIdentity};
 pub use duration::Duration;
 pub use load::{load, ConfigError};
 pub use secret::Secret;

@@ -205,6 +205,13 @@ fn warn_if_credentials_exposed(access: &Access, config: &Config, addr: SocketAdd
     if addr.ip().is_loopback() {
         return;
     }
+    // Required client certificates already keep out whoever holds none.
+    let certificates_required = config.server.tls.as_ref().is_some_and(|t| {
+        t.client_ca_file.is_some() && t.client_auth != Some(crate::config::ClientAuth::Optional)
+    });
+    if certificates_required {
+        return;
+    }
     let exposed = access.anonymous_upstreams_with_credentials(config);
     if exposed.is_empty() {
         return;

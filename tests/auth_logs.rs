@@ -12,7 +12,7 @@ use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::Image;
 use common::logins::{htpasswd_line, IdentityFiles};
 use common::logs;
-use regcache::config::{AuthRule, Config, Secret};
+use regcache::config::{AuthRule, ClientAuth, Config, Secret, TlsConfig};
 use std::time::Duration;
 
 const WARNING: &str = "anonymous clients on other machines can pull through upstreams that have credentials";
@@ -91,6 +91,25 @@ async fn no_warning_on_loopback_or_when_anonymous_pulls_stay_off_that_upstream()
     })
     .await;
     assert!(warned.is_empty(), "{warned:#?}");
+    // Required client certificates keep out whoever holds none; optional ones do not.
+    let ca = common::tls::Ca::new("server ca");
+    let certs = tempfile::tempdir().unwrap();
+    let (cert_file, key_file) = ca.server("regcache").write(certs.path(), "server");
+    let client_ca_file = certs.path().join("clients.crt");
+    std::fs::write(&client_ca_file, &ca.pem).unwrap();
+    let tls = |client_auth| TlsConfig {
+        cert_file: cert_file.clone(),
+        key_file: key_file.clone(),
+        client_ca_file: Some(client_ca_file.clone()),
+        client_auth,
+    };
+    let warned = startup_warnings("quiet-certs", "0.0.0.0:0", |c| c.server.tls = Some(tls(None))).await;
+    assert!(warned.is_empty(), "{warned:#?}");
+    let warned = startup_warnings("exposed-optional", "0.0.0.0:0", |c| {
+        c.server.tls = Some(tls(Some(ClientAuth::Optional)));
+    })
+    .await;
+    assert_eq!(warned.len(), 1, "{warned:#?}");
 }
 
 #[tokio::test]

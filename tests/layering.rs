@@ -7,8 +7,8 @@ use std::path::Path;
 
 /// Each module and the modules it may use besides itself. Top to bottom:
 /// server/cli → registry/admin → scheduler → cache → (metadata, storage, upstream) →
-/// config → (oci, glob); `auth` (who may pull what) sits beside the cache, on config and
-/// glob, for the HTTP layers. `fault` (test-only panic points) depends on nothing and may be
+/// config → (oci, glob); `auth` (who may pull what) sits beside the cache, on config,
+/// glob and identity (a client certificate's names, pure), for the HTTP layers. `fault` (test-only panic points) depends on nothing and may be
 /// used anywhere.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("oci", &[]),
@@ -26,7 +26,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "scheduler",
         &["cache", "metadata", "storage", "oci", "config", "glob", "fault"],
     ),
-    ("auth", &["config", "glob"]),
+    ("identity", &[]),
+    ("auth", &["config", "glob", "identity"]),
     (
         "registry",
         &["auth", "cache", "upstream", "oci", "config", "fault"],

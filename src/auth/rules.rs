@@ -1,7 +1,7 @@
 //! `[[auth.rule]]` compiled: who may pull which `upstream/repository`, and who has the
 //! admin API. Group names are expanded into identities here, once. Pure.
 
-use crate::config::AuthConfig;
+use crate::config::Config;
 use crate::glob::Glob;
 use std::collections::HashSet;
 
@@ -39,9 +39,10 @@ pub(super) struct Rules {
 }
 
 impl Rules {
-    /// `auth` was validated by `config::load`, so every glob compiles and every group
+    /// `config` was validated by `config::load`, so every glob compiles and every group
     /// exists; a glob that fails anyway is left out (grants nothing).
-    pub(super) fn new(auth: &AuthConfig) -> Self {
+    pub(super) fn new(config: &Config) -> Self {
+        let auth = &config.auth;
         let rules = auth
             .rule
             .iter()
@@ -61,7 +62,7 @@ impl Rules {
             })
             .collect();
         Self {
-            enabled: auth.is_enabled(),
+            enabled: config.auth_enabled(),
             rules,
         }
     }
@@ -109,7 +110,7 @@ mod tests {
     fn rules(toml: &str) -> Rules {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), toml).unwrap();
-        Rules::new(&crate::config::load(Some(f.path()), Vec::new()).unwrap().auth)
+        Rules::new(&crate::config::load(Some(f.path()), Vec::new()).unwrap())
     }
 
     const RULES: &str = r#"

@@ -1,5 +1,6 @@
-//! `[auth]`: who may pull what. Identity sources (an htpasswd file, bearer-token files)
-//! and `[[auth.rule]]` entries granting `pull` on `upstream/repository` globs and `admin`.
+//! `[auth]`: who may pull what. Identity sources (an htpasswd file, bearer-token files,
+//! verified client certificates) and `[[auth.rule]]` entries granting `pull` on
+//! `upstream/repository` globs and `admin`.
 //! Only shapes and names are checked here; the files are read by the auth module, which
 //! reloads them when they change.
 
@@ -20,12 +21,30 @@ pub struct AuthConfig {
     /// and is that identity. Reloaded when they change. Default: none.
     #[serde(default)]
     pub token_files: Vec<PathBuf>,
+    /// Which part of a verified client certificate (`server.tls.client_ca_file`) names
+    /// its identity. Default: `cn` once `[auth]` is in use (an identity file or a rule);
+    /// without `[auth]` a client certificate only admits the connection.
+    pub cert_identity: Option<CertIdentity>,
     /// Named groups of identities, for rules. Default: none.
     #[serde(default)]
     pub groups: BTreeMap<String, Vec<String>>,
     /// What each identity, group, or anonymous client may do. Default: none.
     #[serde(default)]
     pub rule: Vec<AuthRule>,
+}
+
+/// The part of a client certificate that names its identity (`auth.cert_identity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertIdentity {
+    /// The subject's common name.
+    Cn,
+    /// The first DNS name among the subject alternative names.
+    SanDns,
+    /// The first e-mail address among them.
+    SanEmail,
+    /// The first URI among them (a SPIFFE id, say).
+    SanUri,
 }
 
 /// One grant. Whoever it names (any of `identities`, members of `groups`, or anonymous
@@ -53,16 +72,38 @@ pub struct AuthRule {
 }
 
 impl AuthConfig {
-    /// Whether logins are possible: an htpasswd file or token files are configured.
-    pub fn has_identity_source(&self) -> bool {
+    /// Whether clients can log in with a password or a token.
+    pub fn has_logins(&self) -> bool {
         self.htpasswd_file.is_some() || !self.token_files.is_empty()
+    }
+}
+
+impl super::Config {
+    /// Which part of a verified client certificate names an identity; `None` when
+    /// certificates name none (no `server.tls.client_ca_file`, or no `[auth]` in use).
+    pub fn cert_identity(&self) -> Option<CertIdentity> {
+        let client_ca = self
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some());
+        if !client_ca {
+            return None;
+        }
+        let in_use = self.auth.has_logins() || !self.auth.rule.is_empty();
+        self.auth.cert_identity.or(in_use.then_some(CertIdentity::Cn))
+    }
+
+    /// Whether clients can be identities: logins, or client certificates that name one.
+    pub fn has_identity_source(&self) -> bool {
+        self.auth.has_logins() || self.cert_identity().is_some()
     }
 
     /// Whether access control is on: an identity source or any rule is configured.
     /// Without either, every client may pull everything (and the admin API takes only
     /// the admin token).
-    pub fn is_enabled(&self) -> bool {
-        self.has_identity_source() || !self.rule.is_empty()
+    pub fn auth_enabled(&self) -> bool {
+        self.has_identity_source() || !self.auth.rule.is_empty()
     }
 }
 
@@ -71,7 +112,20 @@ fn is_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_graphic() && b != b':')
 }
 
-pub(super) fn validate(auth: &AuthConfig) -> Result<(), ConfigError> {
+pub(super) fn validate(config: &super::Config) -> Result<(), ConfigError> {
+    let auth = &config.auth;
+    if auth.cert_identity.is_some()
+        && config
+            .server
+            .tls
+            .as_ref()
+            .is_none_or(|t| t.client_ca_file.is_none())
+    {
+        return Err(invalid(
+            "auth.cert_identity",
+            "needs server.tls.client_ca_file, the CA that client certificates must chain to",
+        ));
+    }
     if auth
         .htpasswd_file
         .as_ref()
@@ -116,10 +170,10 @@ pub(super) fn validate(auth: &AuthConfig) -> Result<(), ConfigError> {
                 format!("{g:?} is not defined in [auth.groups]"),
             ));
         }
-        if (!rule.identities.is_empty() || !rule.groups.is_empty()) && !auth.has_identity_source() {
+        if (!rule.identities.is_empty() || !rule.groups.is_empty()) && !config.has_identity_source() {
             return Err(invalid(
                 key("identities"),
-                "names identities, but no identity source is configured (auth.htpasswd_file, auth.token_files)",
+                "names identities, but no identity source is configured (auth.htpasswd_file, auth.token_files, or server.tls.client_ca_file)",
             ));
         }
         if rule.anonymous && rule.admin {
@@ -200,16 +254,36 @@ mod tests {
              [[auth.rule]]\nanonymous = true\npull = [\"docker.io/library/alpine\"]\n"
         ))
         .unwrap();
-        assert!(c.auth.is_enabled() && c.auth.has_identity_source());
+        assert!(c.auth_enabled() && c.has_identity_source());
         assert_eq!(c.auth.rule.len(), 2);
+    }
+
+    #[test]
+    fn client_certificates_name_identities_once_auth_is_in_use() {
+        let tls = "[server.tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\nclient_ca_file = \"/ca\"\n";
+        // A client CA alone admits connections; it makes no identities.
+        let c = load_toml(tls).unwrap();
+        assert_eq!(c.cert_identity(), None);
+        assert!(!c.auth_enabled());
+        // With a rule (or an identity file) certificates name identities, by CN unless told.
+        let rule = "[[auth.rule]]\nidentities = [\"node-1\"]\npull = [\"**\"]\n";
+        let c = load_toml(&format!("{tls}{rule}")).unwrap();
+        assert_eq!(c.cert_identity(), Some(super::CertIdentity::Cn));
+        assert!(c.has_identity_source() && c.auth_enabled() && !c.auth.has_logins());
+        let c = load_toml(&format!("{tls}[auth]\ncert_identity = \"san_uri\"\n")).unwrap();
+        assert_eq!(c.cert_identity(), Some(super::CertIdentity::SanUri));
+        assert!(c.auth_enabled());
+        // Without a client CA there is nothing to name.
+        assert_eq!(err_key("[auth]\ncert_identity = \"cn\"\n"), "auth.cert_identity");
+        assert!(load_toml(&format!("{tls}[auth]\ncert_identity = \"serial\"\n")).is_err());
     }
 
     #[test]
     fn anonymous_rules_alone_restrict_without_logins() {
         let c = load_toml("[[auth.rule]]\nanonymous = true\npull = [\"docker.io/**\"]\n").unwrap();
-        assert!(c.auth.is_enabled());
-        assert!(!c.auth.has_identity_source());
+        assert!(c.auth_enabled());
+        assert!(!c.has_identity_source());
         let open = load(None, Vec::new()).unwrap();
-        assert!(!open.auth.is_enabled());
+        assert!(!open.auth_enabled());
     }
 }

@@ -357,6 +357,7 @@ mod tests {
             "cadence",
             "htpasswd_file",
             "token_files",
+            "cert_identity",
             "identities",
             "groups",
             "anonymous",

@@ -49,7 +49,7 @@ pub(super) fn validate(config: &mut Config) -> Result<(), ConfigError> {
     validate_storage(config)?;
     validate_admin(config)?;
     validate_jobs(config)?;
-    super::auth::validate(&config.auth)?;
+    super::auth::validate(config)?;
     validate_upstreams(&mut config.upstream)
 }
 
