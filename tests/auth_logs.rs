@@ -156,6 +156,12 @@ async fn passwords_and_tokens_never_reach_the_log() {
     common::wait_until("the failed logins are logged", Duration::from_secs(5), || {
         logs::lines_with("login failed").len() >= 3
     });
+    // ...with the client's address, which failed logins are slowed by...
+    let failed = logs::lines_with("\"auth.user\":\"log-alice\"");
+    assert!(
+        failed.iter().any(|l| l["fields"]["client.addr"] == "127.0.0.1"),
+        "{failed:#?}"
+    );
     // ...and no line anywhere holds a password or token, good or bad.
     for secret in [PASSWORD, TOKEN, "tok-0123456789-wrong!"] {
         let leaked = logs::lines_with(secret);
