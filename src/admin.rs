@@ -1,5 +1,6 @@
 //! The admin API (`/api/v1/...`): purge, jobs, repositories and repository deletion, JSON
-//! in and out, behind a bearer token compared in constant time. Every accepted request
+//! in and out, behind the admin token or an identity with `admin` (`auth::Access::
+//! admin_access`). Every accepted request
 //! becomes a job row (I4) and is answered `202 Accepted` with the job's location; workers
 //! do the work. Calls `metadata` only; never storage or upstreams.
 
@@ -7,10 +8,9 @@ mod auth;
 mod error;
 mod handlers;
 
-pub(crate) use auth::constant_time_eq;
 pub use error::AdminError;
 
-use crate::config::Secret;
+use crate::auth::Access;
 use crate::metadata::Metadata;
 use crate::upstream::Upstreams;
 use axum::routing::{delete, get};
@@ -23,7 +23,8 @@ use tokio::sync::Notify;
 pub struct AdminState {
     pub meta: Metadata,
     pub upstreams: Upstreams,
-    pub token: Option<Secret>,
+    /// Who may use the admin API: the admin token, or identities with `admin`.
+    pub access: Arc<Access>,
     pub max_attempts: i64,
     /// Wakes job workers when a job is queued.
     pub jobs_due: Arc<Notify>,
@@ -47,7 +48,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/{*rest}", axum::routing::any(handlers::not_found))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            auth::require_token,
+            auth::require_admin,
         ))
         .with_state(state)
 }

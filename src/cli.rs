@@ -265,6 +265,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 crate::imagelist::load(&p.list)
                     .with_context(|| format!("config key `prefetch[{i}].list`"))?;
             }
+            crate::auth::Access::check_files(&loaded.config).context("invalid identity file")?;
             print!(
                 "{}",
                 toml::to_string_pretty(&loaded.config).context("printing the configuration")?

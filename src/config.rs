@@ -2,6 +2,7 @@
 //! and validated before anything starts. Every error names the key it is about.
 //! This module reads files named by the config (secrets) but starts nothing.
 
+mod auth;
 mod duration;
 mod env;
 mod explain;
@@ -10,6 +11,7 @@ mod secret;
 mod size;
 mod validate;
 
+pub use auth::{AuthConfig, AuthRule, CertIdentity};
 pub use duration::Duration;
 pub use explain::KeyContext;
 pub use load::{load, load_report, ConfigError, Loaded, CONFIG_FILE_VAR};
@@ -46,6 +48,8 @@ pub struct Config {
     pub prefetch: Vec<PrefetchConfig>,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 /// One image list the server fills the cache with on a cadence (`regcache prefetch`, run

@@ -1,5 +1,6 @@
-//! Globs over `upstream/repository` names for cleanup policies: `*` matches within one
-//! path segment, `**` across segments, `?` one character that is not `/`. Pure.
+//! Globs over `upstream/repository` names for cleanup policies and auth rules: `*`
+//! matches within one path segment, `**` across segments, `?` one character that is not
+//! `/`. Pure.
 
 /// A compiled glob.
 #[derive(Debug, Clone)]
@@ -23,6 +24,39 @@ impl Glob {
     pub fn matches(&self, name: &str) -> bool {
         let name: Vec<char> = name.chars().collect();
         matches_at(&self.pattern, &name)
+    }
+
+    /// Whether some name `<prefix>/<more>` matches: for the start-up check of what an
+    /// upstream exposes.
+    pub fn may_match_under(&self, prefix: &str) -> bool {
+        let name: Vec<char> = prefix.chars().chain(std::iter::once('/')).collect();
+        can_extend(&self.pattern, &name)
+    }
+}
+
+/// Like `matches_at`, but `s` is only the start of a name: true if some non-empty
+/// continuation of `s` would match.
+fn can_extend(p: &[char], s: &[char]) -> bool {
+    if s.is_empty() {
+        // Any pattern left can match some non-empty text.
+        return !p.is_empty();
+    }
+    match p.first() {
+        None => false,
+        Some('*') if p.get(1) == Some(&'*') => {
+            let rest = &p[2..];
+            rest.is_empty() || (0..=s.len()).any(|i| can_extend(rest, &s[i..]))
+        }
+        Some('*') => {
+            let rest = &p[1..];
+            match s.iter().position(|c| *c == '/') {
+                Some(segment) => (0..=segment).any(|i| can_extend(rest, &s[i..])),
+                // The segment runs on past `s`: `*` can take all of it and more.
+                None => true,
+            }
+        }
+        Some('?') => s[0] != '/' && can_extend(&p[1..], &s[1..]),
+        Some(c) => s[0] == *c && can_extend(&p[1..], &s[1..]),
     }
 }
 
@@ -63,5 +97,20 @@ mod tests {
         assert!(m("**", "anything/at/all"));
         assert!(!m("hub/x", "hub/xy"));
         assert!(Glob::new("").is_err());
+    }
+
+    #[test]
+    fn may_match_under_an_upstream() {
+        let under = |p: &str, u: &str| Glob::new(p).unwrap().may_match_under(u);
+        assert!(under("hub/library/*", "hub"));
+        assert!(!under("hub/library/*", "ghcr"));
+        assert!(!under("hub/library/*", "hu"));
+        assert!(!under("hub", "hub"), "the upstream alone is no repository");
+        assert!(under("**", "ghcr"));
+        assert!(under("*/team/*", "ghcr"));
+        assert!(!under("*", "hub"), "* does not cross the '/'");
+        assert!(under("h?b/**", "hub"));
+        assert!(under("hub*/x", "hub"));
+        assert!(!under("hubx/**", "hub"));
     }
 }

@@ -5,6 +5,7 @@
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod admin;
+pub mod auth;
 pub mod bundle;
 pub mod cache;
 pub mod cli;

@@ -46,6 +46,8 @@ pub struct Observer {
 #[derive(Debug)]
 struct Inner {
     cache: Arc<Cache>,
+    /// Who may see the status page: decided as for the admin API.
+    access: Arc<crate::auth::Access>,
     requests: requests::RequestCounters,
     pulls: pulls::Pulls,
     gauges: snapshot::Cached<Gauges>,
@@ -62,19 +64,20 @@ pub(crate) struct Settings {
     pub(crate) access_log: bool,
     metrics_token: Option<Secret>,
     metrics_listen: Option<String>,
-    /// The status page needs these credentials when they are set.
-    pub(crate) admin_token: Option<Secret>,
+    /// `[auth]` is in use: the status page is then never open to anonymous clients.
+    pub(crate) auth_enabled: bool,
     admin_listen: bool,
     pub(crate) max_size: Option<u64>,
     data_dir: std::path::PathBuf,
 }
 
 impl Observer {
-    pub fn new(config: &Config, cache: Arc<Cache>) -> Self {
+    pub fn new(config: &Config, cache: Arc<Cache>, access: Arc<crate::auth::Access>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 requests: requests::RequestCounters::new(cache.upstreams()),
                 cache,
+                access,
                 pulls: pulls::Pulls::default(),
                 gauges: snapshot::Cached::new(GAUGES_MAX_AGE),
                 largest: snapshot::Cached::new(LARGEST_MAX_AGE),
@@ -84,7 +87,7 @@ impl Observer {
                     access_log: config.log.access,
                     metrics_token: config.metrics.token.clone(),
                     metrics_listen: config.metrics.listen.clone(),
-                    admin_token: config.admin.token.clone(),
+                    auth_enabled: config.auth_enabled(),
                     admin_listen: config.admin.listen.is_some(),
                     max_size: config.storage.max_size.map(|s| s.as_u64()),
                     data_dir: config.server.data_dir.clone(),
@@ -145,6 +148,10 @@ impl Observer {
         Router::new()
             .route("/metrics", get(serve_metrics))
             .with_state(self.clone())
+    }
+
+    pub(crate) fn access(&self) -> &crate::auth::Access {
+        &self.inner.access
     }
 
     pub(crate) fn cache(&self) -> &Arc<Cache> {
@@ -221,5 +228,5 @@ pub(crate) fn bearer_matches(headers: &HeaderMap, token: &Secret) -> bool {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .is_some_and(|p| crate::admin::constant_time_eq(p.trim().as_bytes(), token.expose().as_bytes()))
+        .is_some_and(|p| crate::auth::constant_time_eq(p.trim().as_bytes(), token.expose().as_bytes()))
 }

@@ -11,6 +11,7 @@ mod tls;
 pub use lock::{DataDirLock, LockError};
 pub use tls::TlsReloads;
 
+use crate::auth::{Access, AuthError};
 use crate::cache::{ActiveBlobs, Cache, CacheParts, CacheSettings, UseBuffer};
 use crate::config::Config;
 use crate::metadata::{now_secs, AppliedSettings, Metadata, MetadataError};
@@ -33,6 +34,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Locked(#[from] LockError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error(transparent)]
     Metadata(#[from] MetadataError),
     #[error(transparent)]
@@ -70,10 +73,11 @@ pub struct RunningServer {
     http: JoinHandle<()>,
     grace: std::time::Duration,
     cache: Arc<Cache>,
-    /// Held until the server is stopped or dropped.
-    _lock: DataDirLock,
     connections: listener::OpenConnections,
     tls: Option<Arc<tls::Tls>>,
+    access: Arc<Access>,
+    /// Held until the server is stopped or dropped.
+    _lock: DataDirLock,
 }
 
 /// Opens everything `config` names and starts serving.
@@ -87,11 +91,13 @@ pub async fn start_with_store(
     config: Config,
     store: Option<crate::storage::BlobStore>,
 ) -> Result<RunningServer, ServerError> {
+    // The identity files first: a bad one stops the start before anything is touched.
+    let access = Access::load(&config).await?;
     // Prefetch lists are read again when their jobs run; a bad one is refused up front.
     for (index, p) in config.prefetch.iter().enumerate() {
         crate::imagelist::load(&p.list).map_err(|source| ServerError::PrefetchList { index, source })?;
     }
-    // Listeners first: a port in use must fail before the database is created or changed.
+    // Then the listeners: a port in use must fail before the database is created or changed.
     let limits = listener::Limits::from_config(&config.server);
     let registry_listener = listener::Serving::bind("server.listen", &config.server.listen, limits).await?;
     let admin_listener = match &config.admin.listen {
@@ -130,7 +136,7 @@ pub async fn start_with_store(
     let admin = crate::admin::router(crate::admin::AdminState {
         meta: meta.clone(),
         upstreams: upstreams.clone(),
-        token: config.admin.token.clone(),
+        access: access.clone(),
         max_attempts: i64::from(config.jobs.max_attempts),
         jobs_due: jobs_due.clone(),
     });
@@ -160,6 +166,7 @@ pub async fn start_with_store(
     })?;
     let addr = registry_listener.local_addr();
     tasks.spawn(cache.clone().run_background());
+    tasks.spawn(access.clone().watch_files(shutdown.clone()));
     if let Some(tls) = &tls {
         tasks.spawn(tls.clone().watch(shutdown.clone()));
     }
@@ -177,8 +184,8 @@ pub async fn start_with_store(
     };
     crate::prefetch::spawn_jobs(&scheduler, cache.clone(), config.prefetch.clone(), &tasks);
     scheduler.spawn(&tasks);
-    let observer = crate::metrics::Observer::new(&config, cache.clone());
-    let registry = crate::registry::router(cache.clone()).merge(observer.registry_routes());
+    let observer = crate::metrics::Observer::new(&config, cache.clone(), access.clone());
+    let registry = crate::registry::router(cache.clone(), access.clone()).merge(observer.registry_routes());
     let app = match admin_listener {
         None => registry.merge(admin),
         Some(admin_listener) => {
@@ -201,6 +208,7 @@ pub async fn start_with_store(
         offline = config.proxy.offline,
         "regcache listening"
     );
+    warn_if_credentials_exposed(&access, &config, addr);
     Ok(RunningServer {
         addr,
         shutdown,
@@ -208,10 +216,39 @@ pub async fn start_with_store(
         http,
         grace: config.server.shutdown_grace.to_std(),
         cache,
-        _lock: lock,
         connections,
         tls,
+        access,
+        _lock: lock,
     })
+}
+
+/// Says once, at start-up, when anonymous clients on other machines can pull through an
+/// upstream's credentials (its private images, its account's rate limit).
+fn warn_if_credentials_exposed(access: &Access, config: &Config, addr: SocketAddr) {
+    if addr.ip().is_loopback() {
+        return;
+    }
+    // Required client certificates already keep out whoever holds none.
+    let certificates_required = config.server.tls.as_ref().is_some_and(|t| {
+        t.client_ca_file.is_some() && t.client_auth != Some(crate::config::ClientAuth::Optional)
+    });
+    if certificates_required {
+        return;
+    }
+    let exposed = access.anonymous_upstreams_with_credentials(config);
+    if exposed.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        listen.addr = %addr,
+        upstreams = %exposed.join(", "),
+        "anonymous clients on other machines can pull through upstreams that have credentials \
+         (their private images, their account's rate limit). To fix it, configure [auth] with \
+         htpasswd_file or token_files and [[auth.rule]] entries (anonymous pulls are then off \
+         unless a rule with anonymous = true allows them; leave these upstreams out of it), \
+         or listen on 127.0.0.1"
+    );
 }
 
 /// The ttl of each upstream, as applied to stored state.
@@ -296,6 +333,10 @@ impl RunningServer {
     /// Client connections open on the registry listener.
     pub fn open_connections(&self) -> usize {
         self.connections.count()
+    }
+
+    pub fn access(&self) -> &Arc<Access> {
+        &self.access
     }
 
     /// Stops accepting, lets requests and background work finish within the grace

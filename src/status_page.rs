@@ -1,21 +1,21 @@
 //! `GET /`: a small server-rendered HTML page for operators (no JavaScript, readable on a
 //! phone): hit ratio and bytes saved, storage against `storage.max_size`, upstream
-//! health, the largest and most pulled repositories, deletions, recent jobs. Behind the
-//! admin token when one is configured (as a Bearer token, or as the password of HTTP
-//! Basic auth so a browser can ask for it). Reads through `metrics::Observer`; the HTML
-//! itself is written in `status_page/html.rs`.
+//! health, the largest and most pulled repositories, deletions, recent jobs. Admitted as
+//! the admin API is (`auth::Access::admin_access`): the admin token (as a Bearer token, or
+//! as the password of HTTP Basic auth so a browser can ask for it) or an identity a rule
+//! gives `admin`; open only when neither an admin token nor `[auth]` is configured. Reads
+//! through `metrics::Observer`; the HTML itself is written in `status_page/html.rs`.
 
 mod html;
 
-use crate::config::Secret;
+use crate::auth::AdminAccess;
 use crate::metadata::{Gauges, Job, LargestRepo, RepoKey};
 use crate::metrics::{Answer, Observer};
-use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use base64::Engine as _;
 use std::sync::Arc;
 
 /// Recent jobs the page lists.
@@ -25,14 +25,43 @@ pub(crate) fn router(observer: Observer) -> Router {
     Router::new().route("/", get(page)).with_state(observer)
 }
 
-async fn page(State(obs): State<Observer>, headers: HeaderMap) -> Response {
-    if let Some(token) = &obs.settings().admin_token {
-        if !authorized(&headers, token) {
-            let mut resp = (StatusCode::UNAUTHORIZED, "the admin token is required\n").into_response();
+async fn page(State(obs): State<Observer>, req: Request) -> Response {
+    match obs.access().admin_access(req.headers(), req.extensions()).await {
+        AdminAccess::Granted(_) => {}
+        AdminAccess::Disabled if !obs.settings().auth_enabled => {}
+        AdminAccess::Disabled => return (
+            StatusCode::FORBIDDEN,
+            "with [auth] in use the status page needs admin.token or an identity a rule gives admin = true\n",
+        )
+            .into_response(),
+        AdminAccess::Unauthenticated => {
+            let mut resp = (
+                StatusCode::UNAUTHORIZED,
+                "the admin token, or the login of an identity a rule gives admin = true, is required\n",
+            )
+                .into_response();
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"regcache\", charset=\"UTF-8\""),
             );
+            return resp;
+        }
+        AdminAccess::Forbidden { identity } => {
+            return (
+                StatusCode::FORBIDDEN,
+                format!("{identity} may not see the status page: no rule gives it admin = true\n"),
+            )
+                .into_response()
+        }
+        AdminAccess::Busy { retry_after } => {
+            let mut resp = (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed logins from this address\n",
+            )
+                .into_response();
+            if let Ok(v) = HeaderValue::from_str(&retry_after.as_secs().max(1).to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
             return resp;
         }
     }
@@ -41,28 +70,6 @@ async fn page(State(obs): State<Observer>, headers: HeaderMap) -> Response {
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
-}
-
-/// A Bearer token, or Basic credentials whose password (any user name) is the token.
-fn authorized(headers: &HeaderMap, token: &Secret) -> bool {
-    if crate::metrics::bearer_matches(headers, token) {
-        return true;
-    }
-    let Some(encoded) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic ")))
-    else {
-        return false;
-    };
-    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
-        return false;
-    };
-    let password = decoded
-        .iter()
-        .position(|b| *b == b':')
-        .map_or(&decoded[..0], |i| &decoded[i + 1..]);
-    crate::admin::constant_time_eq(password, token.expose().as_bytes())
 }
 
 /// Everything the page shows, gathered before any HTML is written.
@@ -143,34 +150,5 @@ async fn gather(obs: &Observer) -> View {
             .jobs(None, RECENT_JOBS)
             .await
             .map_err(|e| e.to_string()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(auth: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_str(auth).unwrap());
-        h
-    }
-
-    #[test]
-    fn the_admin_token_as_bearer_or_basic_password() {
-        let token = Secret::new("0123456789abcdef");
-        let basic = |creds: &str| {
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(creds)
-            )
-        };
-        assert!(authorized(&headers("Bearer 0123456789abcdef"), &token));
-        assert!(authorized(&headers(&basic("admin:0123456789abcdef")), &token));
-        assert!(authorized(&headers(&basic(":0123456789abcdef")), &token));
-        assert!(!authorized(&headers(&basic("0123456789abcdef")), &token));
-        assert!(!authorized(&headers(&basic("admin:wrong")), &token));
-        assert!(!authorized(&headers("Basic !!!"), &token));
-        assert!(!authorized(&HeaderMap::new(), &token));
     }
 }

@@ -7,9 +7,11 @@ use std::path::Path;
 
 /// Each module and the modules it may use besides itself. Top to bottom:
 /// server/cli → registry/admin → scheduler → (cache, bundle) → (metadata, storage, upstream) →
-/// config → (oci, glob). `fault` (test-only panic points) and `counters` (lock-free
-/// counters) depend on nothing and may be used anywhere; `metrics` and `status_page` sit
-/// beside `registry`, read the layers below and name each other.
+/// config → (oci, glob); `auth` (who may pull what) sits beside the cache, on config,
+/// glob and identity (a client certificate's names, pure), for the HTTP layers. `fault`
+/// (test-only panic points) and `counters` (lock-free counters) depend on nothing and may
+/// be used anywhere; `metrics` and `status_page` sit beside `registry`, read the layers
+/// below and name each other.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("oci", &[]),
     ("glob", &[]),
@@ -41,13 +43,19 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "prefetch",
         &["scheduler", "cache", "metadata", "imagelist", "oci", "config"],
     ),
-    ("registry", &["cache", "upstream", "oci", "config", "fault"]),
-    ("admin", &["metadata", "upstream", "oci", "config"]),
+    ("identity", &[]),
+    ("auth", &["config", "glob", "identity"]),
+    (
+        "registry",
+        &["auth", "cache", "upstream", "oci", "config", "fault"],
+    ),
+    ("admin", &["auth", "metadata", "upstream", "oci", "config"]),
     (
         "metrics",
         &[
             "status_page",
             "admin",
+            "auth",
             "cache",
             "metadata",
             "upstream",
@@ -58,7 +66,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     (
         "status_page",
-        &["metrics", "admin", "metadata", "upstream", "config"],
+        &["metrics", "admin", "auth", "metadata", "upstream", "config"],
     ),
 ];
 

@@ -1,53 +1,27 @@
-//! Bearer-token authentication of the admin API. The token is compared in constant time
-//! and never logged.
+//! Admission to the admin API: `auth::Access::admin_access` decides (the admin token, or
+//! an identity a rule gives `admin`); this maps its answer to admin errors. Credentials
+//! are never logged.
 
 use super::{AdminError, AdminState};
+use crate::auth::AdminAccess;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
 
-pub(super) async fn require_token(
+pub(super) async fn require_admin(
     State(state): State<Arc<AdminState>>,
     req: Request,
     next: Next,
 ) -> Response {
-    let Some(token) = &state.token else {
-        return AdminError::Disabled.into_response();
-    };
-    let presented = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
-    match presented {
-        Some(p) if constant_time_eq(p.as_bytes(), token.expose().as_bytes()) => next.run(req).await,
-        _ => AdminError::Unauthorized.into_response(),
-    }
-}
-
-/// Equality whose time depends only on the lengths, not on where the bytes differ.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = u8::from(a.len() != b.len());
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0xff);
-        diff |= x ^ y;
-    }
-    diff == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn equal_only_when_identical() {
-        assert!(constant_time_eq(b"secret-token-123", b"secret-token-123"));
-        assert!(!constant_time_eq(b"secret-token-123", b"secret-token-124"));
-        assert!(!constant_time_eq(b"secret", b"secret-token-123"));
-        assert!(!constant_time_eq(b"", b"x"));
-        assert!(constant_time_eq(b"", b""));
+    match state.access.admin_access(req.headers(), req.extensions()).await {
+        AdminAccess::Granted(_) => next.run(req).await,
+        AdminAccess::Disabled => AdminError::Disabled.into_response(),
+        AdminAccess::Unauthenticated => AdminError::Unauthorized.into_response(),
+        AdminAccess::Forbidden { identity } => AdminError::Forbidden(identity.to_string()).into_response(),
+        AdminAccess::Busy { retry_after } => AdminError::TooManyLogins {
+            retry_after_secs: retry_after.as_secs().max(1),
+        }
+        .into_response(),
     }
 }

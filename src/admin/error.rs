@@ -12,10 +12,14 @@ pub enum AdminError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("the admin API is disabled: set admin.token or admin.token_file (or REGCACHE_ADMIN__TOKEN) to enable it")]
+    #[error("the admin API is disabled: set admin.token or admin.token_file (or REGCACHE_ADMIN__TOKEN), or give an identity admin = true in an [[auth.rule]], to enable it")]
     Disabled,
-    #[error("a valid `Authorization: Bearer <admin.token>` header is required")]
+    #[error("a valid `Authorization: Bearer <admin.token>` header, or the login of an identity with admin, is required")]
     Unauthorized,
+    #[error("{0:?} may not use the admin API (no [[auth.rule]] gives it admin = true)")]
+    Forbidden(String),
+    #[error("too many login attempts from this address; retry later")]
+    TooManyLogins { retry_after_secs: u64 },
     #[error("metadata: {0}")]
     Metadata(#[from] MetadataError),
 }
@@ -26,8 +30,9 @@ impl AdminError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::Disabled => StatusCode::FORBIDDEN,
+            Self::Disabled | Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::TooManyLogins { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Metadata(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -45,11 +50,22 @@ impl IntoResponse for AdminError {
             axum::Json(serde_json::json!({ "error": self.to_string() })),
         )
             .into_response();
-        if matches!(self, Self::Unauthorized) {
-            resp.headers_mut().insert(
-                axum::http::header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer realm=\"regcache-admin\""),
-            );
+        match self {
+            Self::Unauthorized => {
+                for challenge in crate::auth::ADMIN_CHALLENGES {
+                    resp.headers_mut().append(
+                        axum::http::header::WWW_AUTHENTICATE,
+                        axum::http::HeaderValue::from_static(challenge),
+                    );
+                }
+            }
+            Self::TooManyLogins { retry_after_secs } => {
+                resp.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from(retry_after_secs),
+                );
+            }
+            _ => {}
         }
         resp
     }

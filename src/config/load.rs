@@ -407,6 +407,14 @@ mod tests {
             "ns",
             "list",
             "access",
+            "htpasswd_file",
+            "token_files",
+            "cert_identity",
+            "identities",
+            "groups",
+            "anonymous",
+            "pull",
+            "admin",
         ];
         for key in keys {
             assert!(

@@ -51,6 +51,7 @@ pub(super) fn validate(config: &mut Config) -> Result<(), ConfigError> {
     validate_metrics(config)?;
     validate_jobs(config)?;
     validate_prefetch(config)?;
+    super::auth::validate(config)?;
     validate_upstreams(&mut config.upstream)
 }
 

@@ -2,6 +2,7 @@
 //! headers, serialised as the distribution spec's error JSON. Every lower-layer error is
 //! mapped here, once, with a full match.
 
+use crate::auth::{Refused, Who};
 use crate::cache::CacheError;
 use crate::oci::{DigestError, NameError};
 use crate::upstream::{RouteError, UpstreamError};
@@ -191,6 +192,25 @@ impl RegistryError {
         )
     }
 
+    /// 401 with the challenge: no credentials, and this needs a login.
+    pub(super) fn login_required() -> Self {
+        Self::new(
+            ErrorCode::Unauthorized,
+            StatusCode::UNAUTHORIZED,
+            "authentication required",
+        )
+        .with_header(axum::http::header::WWW_AUTHENTICATE, crate::auth::CHALLENGE)
+    }
+
+    /// 403 `DENIED`: `who` may not pull `upstream/repo`.
+    pub(super) fn denied(who: &Who, upstream: &str, repo: &str) -> Self {
+        let message = match who {
+            Who::Anonymous => format!("anonymous clients may not pull {upstream}/{repo}"),
+            Who::Identity { name, .. } => format!("{name:?} may not pull {upstream}/{repo}"),
+        };
+        Self::new(ErrorCode::Denied, StatusCode::FORBIDDEN, message)
+    }
+
     pub(super) fn unsupported_push() -> Self {
         Self::new(
             ErrorCode::Unsupported,
@@ -209,6 +229,28 @@ impl From<RouteError> for RegistryError {
             RouteError::UnknownNamespace(_) | RouteError::NoDefault(_) => {
                 Self::new(ErrorCode::NameUnknown, StatusCode::NOT_FOUND, e.to_string())
             }
+        }
+    }
+}
+
+impl From<Refused> for RegistryError {
+    fn from(e: Refused) -> Self {
+        match e {
+            Refused::BadLogin => Self::new(
+                ErrorCode::Unauthorized,
+                StatusCode::UNAUTHORIZED,
+                "the credentials are not valid",
+            )
+            .with_header(axum::http::header::WWW_AUTHENTICATE, crate::auth::CHALLENGE),
+            Refused::Busy { retry_after } => Self::new(
+                ErrorCode::TooManyRequests,
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many login attempts from this address; retry later",
+            )
+            .with_header(
+                axum::http::header::RETRY_AFTER,
+                &retry_after.as_secs().max(1).to_string(),
+            ),
         }
     }
 }

@@ -75,9 +75,9 @@ impl TestApp {
         }
     }
 
-    /// The running server (between `stop` and a restart there is none).
+    /// The running server (panics after `stop`).
     pub fn server(&self) -> &RunningServer {
-        self.server.as_ref().expect("regcache is running")
+        self.server.as_ref().expect("the server is running")
     }
 
     pub fn data_dir(&self) -> PathBuf {

@@ -196,10 +196,22 @@ pub struct Fetched {
 /// pulled and resolved through the plain-HTTP mirror `mirror_url` first, with
 /// `server_url` (the registry itself) as containerd's fallback.
 pub fn write_hosts_toml(hosts_dir: &Path, registry_host: &str, server_url: &str, mirror_url: &str) {
+    write_hosts_toml_with(hosts_dir, registry_host, server_url, mirror_url, "");
+}
+
+/// `write_hosts_toml` with `mirror_extra` (TOML lines) added to the mirror's
+/// `[host."…"]` table, e.g. `ca = "…"` or a `[host."…".header]` table after it.
+pub fn write_hosts_toml_with(
+    hosts_dir: &Path,
+    registry_host: &str,
+    server_url: &str,
+    mirror_url: &str,
+    mirror_extra: &str,
+) {
     let dir = hosts_dir.join(registry_host);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     let toml = format!(
-        "server = \"{server_url}\"\n\n[host.\"{mirror_url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        "server = \"{server_url}\"\n\n[host.\"{mirror_url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n{mirror_extra}"
     );
     let path = dir.join("hosts.toml");
     std::fs::write(&path, toml).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));

@@ -18,6 +18,7 @@ pub mod failing_store;
 pub mod fixture_upstream;
 pub mod held;
 pub mod images;
+pub mod logins;
 pub mod logs;
 pub mod prometheus;
 pub mod tls;
