@@ -27,7 +27,7 @@
 # Knobs (env): BENCH_KEEP=1 keeps the work dir; BENCH_WARM_ROUNDS (default 4) x
 # BENCH_WARM_PER_ROUND (default 5) measured warm blob GETs per server; BENCH_WRK_SECS
 # (default 10); BENCH_COLD_ROUNDS (default 7) single cold GETs per server;
-# (default 10); BENCH_OBS_ROUNDS (default 5) alternating wrk runs of BENCH_OBS_SECS
+# BENCH_OBS_ROUNDS (default 5) alternating wrk runs of BENCH_OBS_SECS
 # (default 4) per instrumentation setting (on a busy machine, many short runs: 15 x 3);
 # BENCH_SKIP_BUILD=1 uses the existing target/release/regcache.
 set -euo pipefail

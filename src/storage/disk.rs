@@ -275,9 +275,10 @@ mod tests {
         let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
         let total = space(dir.path()).unwrap().total_bytes;
         let free = space(dir.path()).unwrap().free_bytes;
-        // More than is free, less than half the disk: the episode goes on.
-        if free + 1 < total / 2 {
-            disk.out_of_space("test", free + 1, &enospc);
+        // More than is free, less than half the disk: the episode goes on. Halfway between
+        // the two, so that other processes freeing space meanwhile do not end it.
+        if free + 2 < total / 2 {
+            disk.out_of_space("test", free + (total / 2 - free) / 2, &enospc);
             assert!(disk.check(), "the failed write would not fit yet");
             assert!(disk.is_full());
             assert!(disk.check(), "still");
