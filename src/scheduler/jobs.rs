@@ -159,12 +159,44 @@ async fn run_claimed(s: &Scheduler, job: Job, body: &JobBody) {
         }
         RunOutcome::Error(e) => tracing::warn!(job.id = id, job.kind = %kind, error = %e, "job run failed"),
     }
-    if let Err(e) = s.meta.finish_job(id, outcome, now_secs(), s.jobs.backoff).await {
-        // The lease lapses and the sweeper hands the job out again.
-        tracing::warn!(job.id = id, error = %e, "recording a job outcome failed");
-    }
+    record_outcome(s, id, outcome, lease).await;
     if kind != "delete_repository" {
         s.jobs_due.notify_one();
+    }
+}
+
+/// Records how a run ended. A failure (a full disk: SQLite cannot grow its log) is
+/// retried, 250 ms doubling to 5 s, for as long as the lease lasts, so the outcome is
+/// kept as soon as space allows; after that the lease lapses and the sweeper hands the
+/// job out again.
+async fn record_outcome(s: &Scheduler, id: i64, outcome: RunOutcome, lease_secs: i64) {
+    let give_up = Instant::now() + Duration::from_secs(u64::try_from(lease_secs).unwrap_or(1));
+    let mut wait = Duration::from_millis(250);
+    let mut failures = 0u32;
+    loop {
+        let Err(e) = s
+            .meta
+            .finish_job(id, outcome.clone(), now_secs(), s.jobs.backoff)
+            .await
+        else {
+            if failures > 0 {
+                tracing::info!(job.id = id, failures, "recorded the job outcome after retrying");
+            }
+            return;
+        };
+        failures += 1;
+        if failures == 1 {
+            tracing::warn!(job.id = id, error = %e, "recording a job outcome failed; retrying while the lease lasts");
+        }
+        if Instant::now() + wait > give_up || s.shutdown.is_cancelled() {
+            tracing::warn!(job.id = id, error = %e, failures, "gave up recording a job outcome; the lease lapses and the job runs again");
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = s.shutdown.cancelled() => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(5));
     }
 }
 
