@@ -261,7 +261,8 @@ CACHED_MS=$(curl -fsS -o /dev/null -u timed:timed-password -w '%{time_total}' "$
 # ----- 4. wrk, interleaved -------------------------------------------------------------------
 # wrk_run NAME BASE [HEADER] -> appends "rps p50 p99 requests" to $WORK/wrk-NAME.txt
 wrk_run() {
-  local name=$1 base=$2 header=${3:-} out="$WORK/wrk-$name-$RANDOM.txt" args=()
+  local name=$1 base=$2 header=${3:-}
+  local out="$WORK/wrk-$name-$RANDOM.txt" args=()
   [[ -n $header ]] && args=(-H "$header")
   wrk -t2 -c32 -d"${WRK_SECS}s" --latency -H "Accept: $MANIFEST_ACCEPT" "${args[@]}" \
     "$base/v2/bench/small/manifests/v1" >"$out" 2>&1 || die "$name: wrk failed: $(cat "$out")"
@@ -276,6 +277,9 @@ wrk_run() {
     "$(awk '$1 == "99%" {print $2}' "$out")" \
     "$(awk '/requests in/ {print $1}' "$out")" >>"$WORK/wrk-$name.txt"
 }
+# Adding the timed user reloaded the identity files, which empties the cache of verified
+# logins: verify the wrk login once more before counting.
+[[ $(manifest_digest "$AUTH_URL" -H "$BASIC") == "$SMALL_DIGEST" ]] || die "AUTH: wrong or no manifest after the reload"
 CHECKS_BEFORE=$(verified)
 for round in 1 2; do
   log "round $round: wrk -t2 -c32 -d${WRK_SECS}s on OPEN, then on AUTH with a Basic login"
