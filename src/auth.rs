@@ -138,10 +138,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The client's address: `ConnectInfo`, which the server's listener inserts into every
-/// request.
+/// The client's address and port: `ConnectInfo`, which the server's listener inserts into
+/// every request (the one place that knows where it comes from; the access log uses it
+/// too).
+pub fn client_addr(extensions: &Extensions) -> Option<SocketAddr> {
+    extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
+}
+
+/// The client's IP address (see [`client_addr`]).
 pub fn client_ip(extensions: &Extensions) -> Option<IpAddr> {
-    extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())
+    client_addr(extensions).map(|a| a.ip())
 }
 
 /// Where a login came from: its address for the log, and its throttle entry. Clients

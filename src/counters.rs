@@ -81,13 +81,12 @@ pub const DATABASE_BOUNDS: &[Duration] = &[
 ];
 
 /// A latency histogram over fixed bounds: one atomic per bucket (not cumulative; the
-/// exposition sums them), the count and the sum in nanoseconds.
+/// exposition sums them) and the sum in nanoseconds; the count is the buckets' sum.
 #[derive(Debug)]
 pub struct Histogram {
     bounds: &'static [Duration],
     /// `bounds.len() + 1` buckets; the last one is above every bound.
     buckets: Box<[AtomicU64]>,
-    count: AtomicU64,
     sum_nanos: AtomicU64,
 }
 
@@ -105,7 +104,6 @@ impl Histogram {
         Self {
             bounds,
             buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
             sum_nanos: AtomicU64::new(0),
         }
     }
@@ -113,14 +111,13 @@ impl Histogram {
     pub fn observe(&self, d: Duration) {
         let i = self.bounds.partition_point(|b| *b < d);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
     /// The buckets made cumulative. Read without a lock, so a concurrent observation may
-    /// be in one field and not yet in another; `count` is taken as the sum of the buckets
-    /// so the `+Inf` bucket always equals it.
+    /// be in a bucket and not yet in the sum; `count` is the sum of the buckets, so the
+    /// `+Inf` bucket always equals it.
     pub fn snapshot(&self) -> HistogramSnapshot {
         let mut total = 0;
         let buckets = self
@@ -139,10 +136,6 @@ impl Histogram {
             sum_secs: self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
         }
     }
-
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
 }
 
 #[cfg(test)]
@@ -160,7 +153,6 @@ mod tests {
         assert_eq!(s.buckets, vec![(0.01, 1), (0.1, 2)]);
         assert_eq!(s.count, 3);
         assert!((s.sum_secs - 2.06).abs() < 1e-9);
-        assert_eq!(h.count(), 3);
     }
 
     #[test]

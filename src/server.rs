@@ -100,14 +100,14 @@ pub async fn start_with_store(
     // Then the listeners: a port in use must fail before the database is created or changed.
     let limits = listener::Limits::from_config(&config.server);
     let registry_listener = listener::Serving::bind("server.listen", &config.server.listen, limits).await?;
-    let admin_listener = match &config.admin.listen {
-        Some(addr) => Some(listener::Serving::bind("admin.listen", addr, limits).await?),
-        None => None,
-    };
-    let metrics_listener = match config.metrics.listen.as_ref().filter(|_| config.metrics.enabled) {
-        Some(addr) => Some(listener::Serving::bind("metrics.listen", addr, limits).await?),
-        None => None,
-    };
+    let admin_listener =
+        listener::Serving::bind_if_set("admin.listen", config.admin.listen.as_deref(), limits).await?;
+    let metrics_addr = config
+        .metrics
+        .listen
+        .as_deref()
+        .filter(|_| config.metrics.enabled);
+    let metrics_listener = listener::Serving::bind_if_set("metrics.listen", metrics_addr, limits).await?;
     let listeners = 1 + usize::from(admin_listener.is_some()) + usize::from(metrics_listener.is_some());
     listener::raise_fd_limit(limits.max_connections * listeners);
     let tls = match &config.server.tls {

@@ -8,7 +8,7 @@ use super::{Answer, Kind, Observer, UpstreamRequests};
 use crate::cache::outcome::{noting, Noted};
 use crate::upstream::Upstream;
 use axum::body::{Body, Bytes, HttpBody};
-use axum::extract::{ConnectInfo, Request};
+use axum::extract::Request;
 use axum::http::{Method, Uri};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -23,13 +23,6 @@ use std::time::Instant;
 /// `log.level = "warn,regcache::access=info"`).
 pub(crate) const TARGET: &str = "regcache::access";
 
-/// The client's address. The one place that knows where it comes from: `ConnectInfo`,
-/// which `axum::serve` with `into_make_service_with_connect_info` inserts (a custom
-/// accept loop must insert `ConnectInfo<SocketAddr>` into each request's extensions).
-fn client_addr(req: &Request) -> Option<SocketAddr> {
-    req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
-}
-
 pub(super) async fn observe(
     axum::extract::State(obs): axum::extract::State<Observer>,
     req: Request,
@@ -43,7 +36,7 @@ pub(super) async fn observe(
         method: req.method().clone(),
         // A clone shares the request's bytes: no copy of the path.
         uri: req.uri().clone(),
-        client: ClientAddr(client_addr(&req)),
+        client: ClientAddr(crate::auth::client_addr(req.extensions())),
     });
     let (resp, noted) = noting(pull, next.run(req)).await;
     let status = resp.status();
@@ -94,6 +87,26 @@ struct AccessLine {
     client: ClientAddr,
 }
 
+/// The longest path a line carries: the client chooses the path, and the log writer's
+/// queue is bounded in lines, not bytes (I10).
+const PATH_LOGGED_MAX: usize = 1024;
+
+/// A request path, cut to `PATH_LOGGED_MAX` bytes (marked with `…`).
+struct LoggedPath<'a>(&'a str);
+
+impl std::fmt::Display for LoggedPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.len() <= PATH_LOGGED_MAX {
+            return f.write_str(self.0);
+        }
+        let mut end = PATH_LOGGED_MAX;
+        while !self.0.is_char_boundary(end) {
+            end -= 1;
+        }
+        write!(f, "{}…", &self.0[..end])
+    }
+}
+
 /// The client's address, `-` when unknown; written into the line without a `String`.
 #[derive(Debug)]
 struct ClientAddr(Option<SocketAddr>);
@@ -136,7 +149,7 @@ impl Drop for Finish {
             target: TARGET,
             upstream = %self.upstream.as_ref().map_or("-", |u| u.name.as_str()),
             http.method = %line.method,
-            http.path = %line.uri.path(),
+            http.path = %LoggedPath(line.uri.path()),
             http.status = self.status,
             size_bytes = self.bytes,
             duration_ms = (self.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
@@ -178,5 +191,20 @@ impl HttpBody for Observed {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LoggedPath, PATH_LOGGED_MAX};
+
+    #[test]
+    fn a_long_path_is_cut_and_marked() {
+        let short = "/v2/team/app/manifests/v1";
+        assert_eq!(LoggedPath(short).to_string(), short);
+        let long = format!("/v2/{}/manifests/v1", "a".repeat(5000));
+        let logged = LoggedPath(&long).to_string();
+        assert_eq!(logged.len(), PATH_LOGGED_MAX + "…".len());
+        assert!(logged.ends_with('…') && long.starts_with(logged.trim_end_matches('…')));
     }
 }

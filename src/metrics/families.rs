@@ -116,12 +116,12 @@ fn upstreams(obs: &Observer, e: &mut Exposition) {
     );
     for u in &list {
         for op in Op::ALL {
-            let h = u.stats.latency(op);
-            if h.count() > 0 {
+            let h = u.stats.latency(op).snapshot();
+            if h.count > 0 {
                 e.histogram(
                     "regcache_upstream_request_duration_seconds",
                     &[("upstream", &u.name), ("op", op.label())],
-                    &h.snapshot(),
+                    &h,
                 );
             }
         }

@@ -32,7 +32,8 @@ pub(crate) enum Ended {
 /// (then in-flight requests finish; the server's drain bounds how long that may take).
 /// `peer`, the verified client certificate's identity, goes into every request's
 /// extensions as an `Arc<ClientCert>`, and the client's address as axum's
-/// `ConnectInfo<SocketAddr>` (failed logins are slowed per address).
+/// `ConnectInfo<SocketAddr>` (`auth::client_addr`: failed logins are slowed per address,
+/// the access log names it).
 pub(crate) async fn serve<T>(
     io: T,
     app: Router,

@@ -89,6 +89,18 @@ pub(crate) struct Serving {
 
 impl Serving {
     /// Binds `addr`, the value of config key `key`.
+    /// Binds `addr` when the optional listener `key` is configured.
+    pub(crate) async fn bind_if_set(
+        key: &'static str,
+        addr: Option<&str>,
+        limits: Limits,
+    ) -> Result<Option<Self>, ServerError> {
+        match addr {
+            Some(addr) => Self::bind(key, addr, limits).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
     pub(crate) async fn bind(key: &'static str, addr: &str, limits: Limits) -> Result<Self, ServerError> {
         let failed = |source| ServerError::Bind {
             key,

@@ -4,7 +4,6 @@
 
 use super::{UpstreamView, View};
 use crate::metadata::Job;
-use crate::upstream::Health;
 use std::fmt::Write as _;
 
 const STYLE: &str = "\
@@ -132,11 +131,7 @@ fn upstreams(o: &mut String, v: &View) {
 
 /// One upstream as two short lines rather than a wide table row: readable on a phone.
 fn upstream_item(o: &mut String, u: &UpstreamView, now: i64) {
-    let health = match u.health {
-        Health::Up => "up",
-        Health::Down => "down",
-        Health::Unknown => "unknown",
-    };
+    let health = u.health.label();
     let _ = write!(
         o,
         "<div class=\"item\"><b>{}</b> <span class=\"{health}\">{health}</span> \
