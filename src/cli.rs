@@ -361,7 +361,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             let c = load(&config)?.config;
-            init_logging(&config::LogConfig {
+            let _log = init_logging(&config::LogConfig {
                 level: "warn".into(),
                 ..c.log.clone()
             })?;
@@ -374,7 +374,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             let c = load(&config)?.config;
-            init_logging(&config::LogConfig {
+            let _log = init_logging(&config::LogConfig {
                 level: "warn".into(),
                 ..c.log.clone()
             })?;

@@ -198,3 +198,33 @@ async fn a_pin_in_the_export_list_pins_the_imported_image() {
         1
     );
 }
+
+/// A layout directory whose blob is a FIFO (or any special file) is refused naming it,
+/// without opening it: opening a FIFO would block the import forever.
+#[tokio::test]
+async fn a_special_file_in_a_layout_directory_is_refused_not_opened() {
+    let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
+    let site = Site::new(&upstream.url(), true, "");
+    let layout = site.path("layout");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        layout.join("index.json"),
+        r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#,
+    )
+    .unwrap();
+    let fifo = blobs.join("ab".repeat(32));
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo");
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        regcache_fails(&["import", "--config", site.config_arg(), layout.to_str().unwrap()]),
+    )
+    .await
+    .expect("the import returns instead of blocking on the FIFO");
+    assert!(
+        err.contains(&"ab".repeat(32)) && err.contains("special file"),
+        "{err}"
+    );
+}

@@ -32,8 +32,9 @@ pub enum AuthError {
     },
 }
 
-/// Everything the identity files say, as of one read.
-#[derive(Debug, Default)]
+/// Everything the identity files say, as of one read. Its `Debug` shows counts only: the
+/// bcrypt hashes could be cracked offline (I9).
+#[derive(Default)]
 pub(super) struct Logins {
     /// Bumped by every successful reload; a verification done against an older snapshot
     /// is not cached.
@@ -46,11 +47,30 @@ pub(super) struct Logins {
 
 /// How a Basic login is checked: the hash to verify against, and whether a match
 /// counts (false: the user is unknown and `hash` is a decoy, so an unknown user costs
-/// the same time as a wrong password).
-#[derive(Debug, Clone)]
+/// the same time as a wrong password). Its `Debug` leaves the hash out.
+#[derive(Clone)]
 pub(super) struct PasswordCheck {
     pub(super) hash: String,
     pub(super) counts: bool,
+}
+
+impl std::fmt::Debug for Logins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Logins")
+            .field("generation", &self.generation)
+            .field("users", &self.users.len())
+            .field("tokens", &self.tokens.len())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for PasswordCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PasswordCheck")
+            .field("hash", &"<redacted>")
+            .field("counts", &self.counts)
+            .finish()
+    }
 }
 
 impl Logins {
@@ -263,6 +283,23 @@ mod tests {
             AuthError::Line { line, message, .. } => (line, message),
             other => panic!("{other}"),
         }
+    }
+
+    #[test]
+    fn debug_output_carries_no_hash() {
+        let logins = Logins {
+            generation: 3,
+            users: htpasswd(&format!("alice:{BCRYPT_PW}\n")).unwrap(),
+            tokens: HashMap::new(),
+        };
+        let check = PasswordCheck {
+            hash: BCRYPT_PW.to_owned(),
+            counts: true,
+        };
+        for shown in [format!("{logins:?}"), format!("{check:?}")] {
+            assert!(!shown.contains("$2y$"), "{shown}");
+        }
+        assert!(format!("{logins:?}").contains("users: 1"));
     }
 
     #[test]

@@ -235,6 +235,17 @@ fn visit_file(
     visit: &mut dyn FnMut(Entry<'_>) -> Result<(), BundleError>,
 ) -> Result<(), BundleError> {
     let meta = std::fs::symlink_metadata(path).map_err(io_err(path))?;
+    if !meta.is_file() {
+        // Never opened: a FIFO would block the import forever, a device read without end.
+        return visit(Entry {
+            path: entry,
+            size: 0,
+            is_dir: meta.is_dir(),
+            is_special: !meta.is_dir(),
+            reader: &mut std::io::empty(),
+            origin: None,
+        });
+    }
     let file = File::open(path).map_err(io_err(path))?;
     // Bounded to the size seen, so a file that grows meanwhile is not read past it (one
     // that shrinks ends early, which the reader reports as truncated).
@@ -245,10 +256,10 @@ fn visit_file(
     visit(Entry {
         path: entry,
         size: meta.len(),
-        is_dir: meta.is_dir(),
-        is_special: !meta.is_file() && !meta.is_dir(),
+        is_dir: false,
+        is_special: false,
         reader: &mut reader,
-        origin: meta.is_file().then_some(Origin {
+        origin: Some(Origin {
             file: path,
             offset: 0,
         }),

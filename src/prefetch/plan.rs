@@ -65,9 +65,12 @@ pub(super) async fn expand(cache: &Arc<Cache>, entries: &[ImageEntry]) -> (Vec<U
                             error: format!("matches none of the {} tags upstream", all.len()),
                         });
                     }
+                    // The upstream's list has no duplicates; only the explicit tags can
+                    // repeat a match (a set: the list may hold 100 000 tags).
+                    let explicit: std::collections::HashSet<_> = tags.iter().cloned().collect();
                     for t in matched {
                         match t.parse() {
-                            Ok(tag) if !tags.contains(&tag) => tags.push(tag),
+                            Ok(tag) if !explicit.contains(&tag) => tags.push(tag),
                             Ok(_) => {}
                             Err(e) => {
                                 tracing::warn!(repo.name = %target.key, tag.name = %t, error = %e, "upstream lists an invalid tag; skipped")

@@ -372,7 +372,6 @@ impl Listed {
     }
 }
 
-/// Removes temporary files older than `grace`; returns how many (or would, on a dry run).
 /// Removes temporary files older than `grace` (none on a dry run): (stale, removed).
 fn sweep_temp(dir: &std::path::Path, grace: Duration, dry_run: bool) -> (u64, u64) {
     let Ok(entries) = std::fs::read_dir(dir) else {

@@ -246,21 +246,9 @@ fn refuse(stream: TcpStream) {
 fn is_resource_error(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(code) if code == libc_code::EMFILE || code == libc_code::ENFILE
-            || code == libc_code::ENOBUFS || code == libc_code::ENOMEM
+        Some(code) if code == libc::EMFILE || code == libc::ENFILE
+            || code == libc::ENOBUFS || code == libc::ENOMEM
     )
-}
-
-/// The errno values `is_resource_error` looks for (the same on every Linux
-/// architecture and on the BSDs we could run on).
-mod libc_code {
-    pub(super) const ENOMEM: i32 = 12;
-    pub(super) const ENFILE: i32 = 23;
-    pub(super) const EMFILE: i32 = 24;
-    #[cfg(target_os = "linux")]
-    pub(super) const ENOBUFS: i32 = 105;
-    #[cfg(not(target_os = "linux"))]
-    pub(super) const ENOBUFS: i32 = 55;
 }
 
 /// Counts events and says when to log them: the first at once, then one line per
