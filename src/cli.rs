@@ -440,14 +440,20 @@ fn init_logging(log: &config::LogConfig) -> anyhow::Result<crate::log_writer::Lo
     };
     // Colours only for a person at a terminal: a log file, journald or `kubectl logs`
     // would show the escape codes as text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(crate::log_writer::stderr())
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if log.format == "json" {
+        .with_ansi(ansi);
+    let style = if log.format == "json" {
         builder.json().init();
+        crate::log_writer::Style::Json
     } else {
         builder.init();
+        crate::log_writer::Style::Text
+    };
+    if !ansi {
+        crate::log_writer::set_style(style);
     }
     Ok(crate::log_writer::LogGuard)
 }

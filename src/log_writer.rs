@@ -124,21 +124,48 @@ impl Write for Line {
 
 impl Drop for Line {
     fn drop(&mut self) {
-        if self.0.is_empty() {
-            return;
+        if !self.0.is_empty() {
+            queue_line(std::mem::take(&mut self.0));
         }
-        let line = std::mem::take(&mut self.0);
-        let unsent = match queue() {
-            Some(tx) => match tx.try_send(Msg::Line(line)) {
-                Ok(()) => return,
-                Err(TrySendError::Full(msg)) => tx.send(msg).err().map(|e| e.0),
-                Err(TrySendError::Disconnected(msg)) => Some(msg),
-            },
-            None => Some(Msg::Line(line)),
-        };
-        if let Some(Msg::Line(line)) = unsent {
-            let _ = std::io::stderr().write_all(&line);
-        }
+    }
+}
+
+/// How the subscriber `init_logging` installed writes its lines, for code that writes a
+/// line of its own (the access log) in the same shape; `None` until it is set, and then
+/// such code goes through `tracing` instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// tracing-subscriber's `Full` text format, without colours.
+    Text,
+    /// tracing-subscriber's JSON format.
+    Json,
+}
+
+static STYLE: OnceLock<Style> = OnceLock::new();
+
+/// Records the installed subscriber's format (once; later calls change nothing). Not
+/// called for a terminal: colours are `tracing`'s business.
+pub fn set_style(style: Style) {
+    let _ = STYLE.set(style);
+}
+
+/// The installed subscriber's format, when lines may be written directly.
+pub fn style() -> Option<Style> {
+    STYLE.get().copied()
+}
+
+/// Queues one whole line (ending in `\n`) behind the lines already queued.
+pub fn queue_line(line: Vec<u8>) {
+    let unsent = match queue() {
+        Some(tx) => match tx.try_send(Msg::Line(line)) {
+            Ok(()) => return,
+            Err(TrySendError::Full(msg)) => tx.send(msg).err().map(|e| e.0),
+            Err(TrySendError::Disconnected(msg)) => Some(msg),
+        },
+        None => Some(Msg::Line(line)),
+    };
+    if let Some(Msg::Line(line)) = unsent {
+        let _ = std::io::stderr().write_all(&line);
     }
 }
 

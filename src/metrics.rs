@@ -6,6 +6,7 @@
 //! gauges are read at most every few seconds (`snapshot`), never per request.
 
 mod access;
+mod access_line;
 mod disk;
 mod exposition;
 mod families;
@@ -126,10 +127,7 @@ impl Observer {
         if !(self.inner.settings.metrics || self.inner.settings.access_log) {
             return app;
         }
-        app.layer(axum::middleware::from_fn_with_state(
-            self.clone(),
-            access::observe,
-        ))
+        app.layer(access::ObserveLayer(self.clone()))
     }
 
     /// What `metrics.listen` serves when it is set: `/metrics`, `/livez`, `/readyz`.
