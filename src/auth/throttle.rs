@@ -1,9 +1,10 @@
 //! Failed logins slow their address down. Each failure from an address makes the next
 //! check of new credentials from it wait longer (250 ms, doubling, at most 8 s), and
-//! concurrent attempts from it queue one behind another, so a guesser gets a few
-//! hundred tries an hour per address however many connections it opens. Credentials
-//! already verified (cached) never wait. Memory is bounded: at most `ADDRESSES_MAX`
-//! addresses are remembered. Pure: callers pass the time.
+//! concurrent attempts from it queue one behind another — from its very first attempt,
+//! before any has failed, so a burst over many connections is spaced out too — so a
+//! guesser gets a few hundred tries an hour per address however many connections it
+//! opens. Credentials already verified (cached) never wait. Memory is bounded: at most
+//! `ADDRESSES_MAX` addresses are remembered. Pure: callers pass the time.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -27,6 +28,8 @@ struct Entry {
     failures: u32,
     /// When the next check from this address may start.
     next_slot: Instant,
+    /// The last failure, or the first attempt while none has failed: what the entry is
+    /// forgotten and evicted by.
     last_failure: Instant,
 }
 
@@ -67,6 +70,8 @@ pub(super) struct Throttle {
     entries: HashMap<AddrKey, Entry>,
 }
 
+/// The spacing of checks from an address with `failures` failed logins: `FIRST_DELAY`
+/// while none has failed (concurrent first attempts queue too), doubling per failure.
 fn delay(failures: u32) -> Duration {
     let doublings = failures.saturating_sub(1).min(16);
     FIRST_DELAY.saturating_mul(1 << doublings).min(DELAY_MAX)
@@ -74,15 +79,28 @@ fn delay(failures: u32) -> Duration {
 
 impl Throttle {
     /// Called before new credentials from `addr` are checked: reserves the address's
-    /// next slot.
+    /// next slot. An address seen for the first time (or again after a quiet
+    /// `FORGET_AFTER`) is checked at once, and the checks arriving behind it queue.
     pub(super) fn admit(&mut self, addr: AddrKey, now: Instant) -> Admission {
+        let forgotten = self
+            .entries
+            .get(&addr)
+            .is_none_or(|e| now.duration_since(e.last_failure) > FORGET_AFTER);
+        if forgotten {
+            self.remember(addr, now);
+            self.entries.insert(
+                addr,
+                Entry {
+                    failures: 0,
+                    next_slot: now + delay(0),
+                    last_failure: now,
+                },
+            );
+            return Admission::Now;
+        }
         let Some(e) = self.entries.get_mut(&addr) else {
             return Admission::Now;
         };
-        if now.duration_since(e.last_failure) > FORGET_AFTER {
-            self.entries.remove(&addr);
-            return Admission::Now;
-        }
         let start = e.next_slot.max(now);
         let wait = start - now;
         if wait > WAIT_MAX {
@@ -96,22 +114,29 @@ impl Throttle {
         }
     }
 
-    /// Records a failed login from `addr`.
-    pub(super) fn failed(&mut self, addr: AddrKey, now: Instant) {
-        if !self.entries.contains_key(&addr) && self.entries.len() >= ADDRESSES_MAX {
-            self.entries
-                .retain(|_, e| now.duration_since(e.last_failure) <= FORGET_AFTER);
-            if self.entries.len() >= ADDRESSES_MAX {
-                if let Some(oldest) = self
-                    .entries
-                    .iter()
-                    .min_by_key(|(_, e)| e.last_failure)
-                    .map(|(k, _)| *k)
-                {
-                    self.entries.remove(&oldest);
-                }
+    /// Makes room for `addr` when it is not remembered and the table is full: the
+    /// forgotten entries go, then the one whose last failure is oldest.
+    fn remember(&mut self, addr: AddrKey, now: Instant) {
+        if self.entries.contains_key(&addr) || self.entries.len() < ADDRESSES_MAX {
+            return;
+        }
+        self.entries
+            .retain(|_, e| now.duration_since(e.last_failure) <= FORGET_AFTER);
+        if self.entries.len() >= ADDRESSES_MAX {
+            if let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.last_failure)
+                .map(|(k, _)| *k)
+            {
+                self.entries.remove(&oldest);
             }
         }
+    }
+
+    /// Records a failed login from `addr`.
+    pub(super) fn failed(&mut self, addr: AddrKey, now: Instant) {
+        self.remember(addr, now);
         let e = self.entries.entry(addr).or_insert(Entry {
             failures: 0,
             next_slot: now,
@@ -176,6 +201,27 @@ mod tests {
             t.admit(a, t1 + FORGET_AFTER + Duration::from_secs(1)),
             Admission::Now
         );
+    }
+
+    #[test]
+    fn concurrent_first_attempts_queue_before_any_has_failed() {
+        let mut t = Throttle::default();
+        let a = v4(7);
+        let t0 = Instant::now();
+        assert_eq!(t.admit(a, t0), Admission::Now);
+        // A burst from a new address over many connections: one at a time, spaced out.
+        let waits: Vec<Admission> = (0..3).map(|_| t.admit(a, t0)).collect();
+        assert_eq!(
+            waits,
+            [250, 500, 750].map(|ms| Admission::After(Duration::from_millis(ms)))
+        );
+        // Once the queue has drained, a single attempt goes at once again.
+        assert_eq!(t.admit(a, t0 + Duration::from_secs(2)), Admission::Now);
+        // And past the quiet quarter hour the address starts afresh.
+        let later = t0 + FORGET_AFTER + Duration::from_secs(3);
+        assert_eq!(t.admit(a, later), Admission::Now);
+        assert_eq!(t.admit(a, later), Admission::After(FIRST_DELAY));
+        assert_eq!(t.failures(a), 0, "an attempt is not a failure");
     }
 
     #[test]
