@@ -341,11 +341,15 @@ impl Access {
                 return AdminAccess::Granted(AdminUser::Token);
             }
         }
-        let who = if !self.has_logins() && presented != Presented::Nothing {
-            // Not the admin token, and no logins to check it against.
-            Err(self.failed(Client::of(extensions), "admin-token"))
-        } else {
-            self.authenticate(headers, extensions).await
+        // A client certificate naming an admin identity is admitted whatever header it
+        // carries when there are no logins (`authenticate` then ignores the header, as
+        // it does for pulls); a header that is not the token, and no identity, is a
+        // failed admin login.
+        let who = match self.authenticate(headers, extensions).await {
+            Ok(Who::Anonymous) if !self.has_logins() && presented != Presented::Nothing => {
+                Err(self.failed(Client::of(extensions), "admin-token"))
+            }
+            who => who,
         };
         match who {
             Ok(Who::Anonymous) | Err(Refused::BadLogin) => AdminAccess::Unauthenticated,

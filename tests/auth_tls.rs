@@ -162,6 +162,38 @@ async fn cert_identity_can_name_a_san_instead() {
 }
 
 #[tokio::test]
+async fn an_admin_certificate_is_admitted_whatever_header_it_carries() {
+    // An admin token and an admin identity by certificate, but no logins: a header
+    // that is not the token (a browser's stale login, a pull token) must not cost the
+    // certificate its admin rights, and without the certificate it is a failed login.
+    let (f, url) = fixture().await;
+    let tls = tls(f.certs.path(), &f.ca, Some(&f.clients));
+    let admin_token = "admin-token-0123456789";
+    let app = TestApp::start_with(&[("fixture", &url)], |c| {
+        c.server.tls = Some(tls);
+        c.admin.token = Some(regcache::config::Secret::new(admin_token));
+        c.auth.rule = vec![rule(&["node-admin"], &[], true)];
+    })
+    .await;
+    let jobs = https(&app, "/api/v1/jobs");
+    let admin = client(&f.ca, Some(&f.clients.client("node-admin", "x.example")));
+    let nobody = client(&f.ca, None);
+    let wrong = "Bearer not-the-admin-token-at-all";
+    assert_eq!(get(&admin, &jobs, None).await.status(), 200);
+    assert_eq!(get(&admin, &jobs, Some(wrong)).await.status(), 200);
+    let stale = format!("Basic {}", base64_of("ops:old-password"));
+    assert_eq!(get(&admin, &jobs, Some(&stale)).await.status(), 200);
+    assert_eq!(get(&nobody, &jobs, Some(wrong)).await.status(), 401);
+    assert_eq!(get(&nobody, &jobs, None).await.status(), 401);
+    let token = format!("Bearer {admin_token}");
+    assert_eq!(get(&nobody, &jobs, Some(&token)).await.status(), 200);
+    // A certificate without admin is refused as before, header or not.
+    let node = client(&f.ca, Some(&f.clients.client("node-1", "n.example")));
+    assert_eq!(get(&node, &jobs, None).await.status(), 403);
+    assert_eq!(get(&node, &jobs, Some(wrong)).await.status(), 403);
+}
+
+#[tokio::test]
 async fn a_client_ca_without_auth_only_admits_connections() {
     let (f, url) = fixture().await;
     let tls = tls(f.certs.path(), &f.ca, Some(&f.clients));
