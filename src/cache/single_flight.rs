@@ -41,8 +41,10 @@ where
     T: Clone + Send + Sync + 'static,
 {
     /// Runs `make()` unless a flight for `key` is under way, and returns its result.
-    /// A flight whose waiters all went away stays in the map, unpolled, and the next
-    /// caller resumes it.
+    /// A flight whose waiters all went away (clients that hung up) is dropped with the
+    /// last of them and leaves the map: keys are chosen by clients, and an abandoned
+    /// flight would otherwise keep its key, its memory and any upstream connection it
+    /// holds forever (I10). The next caller starts afresh.
     pub(super) async fn run<M, F>(&self, key: K, make: M) -> Result<T, CacheError>
     where
         M: FnOnce() -> F + Send + 'static,
@@ -59,12 +61,50 @@ where
                 }
             }
         };
-        let out = flight.clone().await;
-        let mut flights = super::lock(&self.flights);
-        if flights.get(&key).is_some_and(|f| f.ptr_eq(&flight)) {
-            flights.remove(&key);
+        let waiter = Waiter {
+            flights: &self.flights,
+            key,
+            flight,
+        };
+        waiter.flight.clone().await
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        super::lock(&self.flights).len()
+    }
+
+    /// Callers waiting on the flight for `key`.
+    #[cfg(test)]
+    fn waiting(&self, key: &K) -> usize {
+        super::lock(&self.flights)
+            .get(key)
+            .and_then(Shared::strong_count)
+            .map_or(0, |n| n - 1)
+    }
+}
+
+/// A caller waiting on a flight. When it goes, finished or dropped, the flight leaves
+/// the map if it has finished or no other caller waits on it. Waiters clone a flight
+/// only under the map's lock, so the count read under it is exact.
+struct Waiter<'a, K: Eq + Hash, T: Clone> {
+    flights: &'a Mutex<HashMap<K, Flight<T>>>,
+    key: K,
+    flight: Flight<T>,
+}
+
+impl<K: Eq + Hash, T: Clone> Drop for Waiter<'_, K, T> {
+    fn drop(&mut self) {
+        let mut flights = super::lock(self.flights);
+        if !flights.get(&self.key).is_some_and(|f| f.ptr_eq(&self.flight)) {
+            return;
         }
-        out
+        // A finished flight goes with its first caller (later ones start afresh); an
+        // unfinished one when the map's copy and this one are all that is left.
+        let finished = self.flight.peek().is_some();
+        if finished || self.flight.strong_count().is_none_or(|n| n <= 2) {
+            flights.remove(&self.key);
+        }
     }
 }
 
@@ -98,6 +138,56 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+
+    #[tokio::test]
+    async fn a_flight_every_caller_left_is_dropped_and_its_key_released() {
+        struct CountDrop(Arc<AtomicUsize>);
+        impl Drop for CountDrop {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let sf: Arc<SingleFlight<String, usize>> = Arc::default();
+        let (started, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        // A caller of a flight that never finishes (an upstream that does not answer).
+        let call = |key: String| {
+            let (sf, started, dropped) = (sf.clone(), started.clone(), dropped.clone());
+            tokio::spawn(async move {
+                sf.run(key, move || {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    let held = CountDrop(dropped);
+                    async move {
+                        let _held = held;
+                        std::future::pending::<Result<usize, CacheError>>().await
+                    }
+                })
+                .await
+            })
+        };
+        for i in 0..100 {
+            let key = format!("tag-{i}");
+            let (first, second) = (call(key.clone()), call(key.clone()));
+            while sf.waiting(&key) < 2 {
+                tokio::task::yield_now().await;
+            }
+            // One of two callers leaving keeps the flight for the other.
+            first.abort();
+            assert!(first.await.unwrap_err().is_cancelled());
+            assert_eq!(sf.len(), 1, "the other caller still waits");
+            second.abort();
+            assert!(second.await.unwrap_err().is_cancelled());
+            assert_eq!(sf.len(), 0, "flight {i} was left behind");
+        }
+        assert_eq!(started.load(Ordering::SeqCst), 100, "one run per key");
+        assert_eq!(
+            dropped.load(Ordering::SeqCst),
+            100,
+            "every abandoned run was dropped"
+        );
+        // The key works again afterwards.
+        assert_eq!(sf.run("tag-0".into(), || async { Ok(3) }).await.unwrap(), 3);
+        assert_eq!(sf.len(), 0);
+    }
 
     #[tokio::test]
     async fn concurrent_callers_share_one_run() {
