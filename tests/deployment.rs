@@ -222,3 +222,46 @@ async fn two_data_dirs_on_one_bucket_prefix_never_delete_each_others_blobs() {
         "the stray blob went, the cached ones stay"
     );
 }
+
+/// Two instances starting at once on one unclaimed prefix: each reads "no marker", and
+/// the second writes its claim after the first. The claim is a create-only put, so the
+/// first marker stands and the second instance learns that the prefix is not its own
+/// (with a plain put, each read back its own marker and both deleted "orphans").
+#[tokio::test]
+async fn of_two_instances_claiming_one_prefix_at_once_only_the_first_owns_it() {
+    use common::failing_store::FailingStore;
+    use regcache::storage::{BlobStore, PrefixOwner, OWNER_MARKER};
+    let store = FailingStore::in_memory();
+    let blobs = BlobStore::new(store.as_dyn(), "cache".into(), None, false).shared();
+    let marker = object_store::path::Path::from(format!("cache/{OWNER_MARKER}"));
+    let theirs = serde_json::json!({"instance": "first-instance", "data_dir": "/srv/first", "claimed_at": 1});
+    store.put_first(marker, serde_json::to_vec(&theirs).expect("json").into());
+    let owner = blobs
+        .claim_prefix("second-instance", "/srv/second", 2)
+        .await
+        .expect("claiming");
+    assert_eq!(
+        owner,
+        PrefixOwner::Other {
+            instance: "first-instance".into(),
+            data_dir: "/srv/first".into()
+        }
+    );
+    assert_eq!(
+        blobs
+            .prefix_owner("first-instance")
+            .await
+            .expect("reading the marker"),
+        PrefixOwner::Ours,
+        "the first claim stands"
+    );
+    // Unraced, a claim on a fresh prefix is the claimer's.
+    let fresh = BlobStore::new(FailingStore::in_memory().as_dyn(), "cache".into(), None, false).shared();
+    assert_eq!(
+        fresh
+            .claim_prefix("second-instance", "/srv/second", 3)
+            .await
+            .expect("claiming"),
+        PrefixOwner::Ours
+    );
+}

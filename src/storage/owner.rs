@@ -7,7 +7,7 @@
 
 use super::{BlobStore, StorageError};
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStoreExt, PutPayload};
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 /// The marker's name under the prefix (outside `blobs/`, so no listing of blobs sees it).
 pub const OWNER_MARKER: &str = "regcache-owner";
@@ -53,8 +53,10 @@ impl BlobStore {
     }
 
     /// The prefix's owner. A prefix with no marker is claimed for `instance` (of the data
-    /// directory `data_dir`) first; when two instances claim at once, the marker read
-    /// back decides.
+    /// directory `data_dir`) first, with a create-only put (`If-None-Match: *` on S3, a
+    /// generation precondition on GCS), so of two instances claiming at once exactly one
+    /// writes the marker and both read back the same owner. A store that cannot put
+    /// conditionally is written plainly and the marker read back decides, as before.
     pub async fn claim_prefix(
         &self,
         instance: &str,
@@ -72,8 +74,20 @@ impl BlobStore {
                     data_dir: data_dir.to_owned(),
                     claimed_at: now,
                 };
-                let body = serde_json::to_vec(&mine).unwrap_or_default();
-                self.store.put(&self.owner_key(), PutPayload::from(body)).await?;
+                let body = PutPayload::from(serde_json::to_vec(&mine).unwrap_or_default());
+                let create = PutOptions {
+                    mode: PutMode::Create,
+                    ..PutOptions::default()
+                };
+                match self.store.put_opts(&self.owner_key(), body.clone(), create).await {
+                    // Another instance claimed the prefix since it was read: its marker
+                    // stands.
+                    Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+                    Err(object_store::Error::NotImplemented { .. }) => {
+                        self.store.put(&self.owner_key(), body).await?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 self.read_marker().await?.unwrap_or(mine)
             }
         };

@@ -72,6 +72,9 @@ struct State {
     multipart: [usize; 3],
     /// Every read (`get_opts`, which `head` goes through) fails, until `heal`.
     fail_reads: bool,
+    /// Objects another writer puts just before the next put to their path: a race lost
+    /// between a reader's check and its write.
+    put_first: HashMap<Path, Bytes>,
 }
 
 /// See the module documentation.
@@ -321,6 +324,11 @@ impl FailingStore {
         (started, completed, aborted)
     }
 
+    /// Just before the next put to `path`, another writer puts `bytes` there.
+    pub fn put_first(&self, path: Path, bytes: Bytes) {
+        self.lock().put_first.insert(path, bytes);
+    }
+
     fn on_put(&self, path: &Path) -> Result<()> {
         let mut s = self.lock();
         if s.fail_puts > 0 {
@@ -361,6 +369,12 @@ impl ObjectStore for FailingStore {
     {
         Box::pin(async move {
             self.on_put(location)?;
+            let first = self.lock().put_first.remove(location);
+            if let Some(bytes) = first {
+                self.inner
+                    .put_opts(location, PutPayload::from(bytes), PutOptions::default())
+                    .await?;
+            }
             let result = self.inner.put_opts(location, payload, opts).await?;
             let hang = {
                 let mut s = self.lock();
