@@ -138,6 +138,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Whether `Authorization` is `Bearer <token>` (the scheme in any case; compared in
+/// constant time), read by the one parser every login goes through.
+pub fn bearer_matches(headers: &HeaderMap, token: &Secret) -> bool {
+    match Presented::from_header(headers.get(axum::http::header::AUTHORIZATION)) {
+        Presented::Bearer(offered) => constant_time_eq(offered.as_bytes(), token.expose().as_bytes()),
+        _ => false,
+    }
+}
+
 /// The client's address and port: `ConnectInfo`, which the server's listener inserts into
 /// every request (the one place that knows where it comes from; the access log uses it
 /// too).

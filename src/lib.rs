@@ -8,6 +8,7 @@ pub mod admin;
 pub mod auth;
 pub mod bundle;
 pub mod cache;
+pub mod civil;
 pub mod cli;
 pub mod config;
 pub mod counters;

@@ -207,7 +207,7 @@ impl Observer {
 /// `GET /metrics`: the exposition, behind `metrics.token` when one is set.
 async fn serve_metrics(State(obs): State<Observer>, headers: HeaderMap) -> Response {
     if let Some(token) = &obs.inner.settings.metrics_token {
-        if !bearer_matches(&headers, token) {
+        if !crate::auth::bearer_matches(&headers, token) {
             let mut resp = (StatusCode::UNAUTHORIZED, "a bearer token is required\n").into_response();
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -218,13 +218,4 @@ async fn serve_metrics(State(obs): State<Observer>, headers: HeaderMap) -> Respo
     }
     let body = families::render(&obs).await;
     ([(header::CONTENT_TYPE, exposition::CONTENT_TYPE)], body).into_response()
-}
-
-/// Whether `Authorization: Bearer <token>` carries `token` (compared in constant time).
-pub(crate) fn bearer_matches(headers: &HeaderMap, token: &Secret) -> bool {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .is_some_and(|p| crate::auth::constant_time_eq(p.trim().as_bytes(), token.expose().as_bytes()))
 }

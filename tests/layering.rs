@@ -9,11 +9,13 @@ use std::path::Path;
 /// server/cli → registry/admin → scheduler → (cache, bundle) → (metadata, storage, upstream) →
 /// config → (oci, glob); `auth` (who may pull what) sits beside the cache, on config,
 /// glob and identity (a client certificate's names, pure), for the HTTP layers. `fault`
-/// (test-only panic points) and `counters` (lock-free counters) depend on nothing and may
-/// be used anywhere; `metrics` and `status_page` sit beside `registry`, read the layers
-/// below and name each other.
+/// (test-only panic points), `counters` (lock-free counters) and `civil` (calendar dates)
+/// depend on nothing and may be used anywhere; `metrics` and `status_page` sit beside
+/// `registry`, read the layers below and name each other; `metrics` writes access-log lines
+/// straight to `log_writer`.
 const ALLOWED: &[(&str, &[&str])] = &[
-    ("oci", &[]),
+    ("civil", &[]),
+    ("oci", &["civil"]),
     ("glob", &[]),
     ("fault", &[]),
     ("counters", &[]),
@@ -62,6 +64,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "oci",
             "config",
             "counters",
+            "civil",
+            "log_writer",
         ],
     ),
     (

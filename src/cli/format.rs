@@ -26,21 +26,11 @@ pub(super) fn secs(s: i64) -> String {
     }
 }
 
-/// Unix seconds as ISO 8601 UTC, `2024-06-01T00:00:00Z`. A civil-from-days conversion
-/// (Howard Hinnant's algorithm) is all a timestamp needs, so no date crate is pulled in.
+/// Unix seconds as ISO 8601 UTC, `2024-06-01T00:00:00Z`.
 pub(super) fn iso(unix_secs: i64) -> String {
-    let days = unix_secs.div_euclid(86_400);
+    let (year, month, day) = crate::civil::civil_from_days(unix_secs.div_euclid(86_400));
     let rem = unix_secs.rem_euclid(86_400);
     let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}Z")
 }
 

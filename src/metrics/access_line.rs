@@ -27,66 +27,84 @@ pub(super) struct Fields<'a> {
     pub client: Option<SocketAddr>,
 }
 
-/// The line for `f` at time `at`, ending in `\n`.
+/// A field's value, as each format writes it.
+enum Value<'a> {
+    /// Text as is (escaped in JSON); `true`: cut, marked with `…`.
+    Str(&'a str, bool),
+    Num(u64),
+    /// Microseconds, written as milliseconds.
+    Millis(u64),
+    /// Written as text in both formats.
+    Addr(Option<SocketAddr>),
+}
+
+impl Fields<'_> {
+    /// The fields in the order `tracing` writes them (the message comes first).
+    fn values(&self) -> [(&'static str, Value<'_>); 8] {
+        [
+            ("upstream", Value::Str(self.upstream, false)),
+            ("http.method", Value::Str(self.method, false)),
+            ("http.path", Value::Str(self.path, self.path_cut)),
+            ("http.status", Value::Num(u64::from(self.status))),
+            ("size_bytes", Value::Num(self.size_bytes)),
+            ("duration_ms", Value::Millis(self.duration_us)),
+            ("cache.result", Value::Str(self.cache_result, false)),
+            ("client.addr", Value::Addr(self.client)),
+        ]
+    }
+}
+
+/// The line for `f` at time `at`, ending in `\n`:
+/// `2024-06-01T00:00:00.000000Z  INFO target: request upstream=… client.addr=…` or
+/// `{"timestamp":…,"level":"INFO","fields":{"message":"request",…},"target":…}`.
 pub(super) fn render(style: Style, at: SystemTime, target: &str, f: &Fields<'_>) -> Vec<u8> {
     let mut out = String::with_capacity(256 + f.path.len());
-    match style {
-        Style::Text => text(&mut out, at, target, f),
-        Style::Json => json(&mut out, at, target, f),
+    let json = style == Style::Json;
+    if json {
+        out.push_str("{\"timestamp\":\"");
+        timestamp(&mut out, at);
+        out.push_str("\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\"");
+    } else {
+        timestamp(&mut out, at);
+        out.push_str("  INFO ");
+        out.push_str(target);
+        out.push_str(": request");
     }
-    out.into_bytes()
-}
-
-/// `2024-06-01T00:00:00.000000Z  INFO target: request upstream=… client.addr=…`
-fn text(out: &mut String, at: SystemTime, target: &str, f: &Fields<'_>) {
-    timestamp(out, at);
-    out.push_str("  INFO ");
-    out.push_str(target);
-    out.push_str(": request upstream=");
-    text_value(out, f.upstream);
-    out.push_str(" http.method=");
-    text_value(out, f.method);
-    out.push_str(" http.path=");
-    text_value(out, f.path);
-    if f.path_cut {
-        out.push('…');
+    for (key, value) in f.values() {
+        if json {
+            out.push_str(",\"");
+            out.push_str(key);
+            out.push_str("\":");
+        } else {
+            out.push(' ');
+            out.push_str(key);
+            out.push('=');
+        }
+        match value {
+            Value::Str(v, cut) if json => json_string(&mut out, v, cut),
+            Value::Str(v, cut) => {
+                text_value(&mut out, v);
+                if cut {
+                    out.push('…');
+                }
+            }
+            Value::Num(n) => decimal(&mut out, n),
+            Value::Millis(us) => millis(&mut out, us),
+            Value::Addr(a) if json => {
+                out.push('"');
+                address(&mut out, a);
+                out.push('"');
+            }
+            Value::Addr(a) => address(&mut out, a),
+        }
     }
-    out.push_str(" http.status=");
-    decimal(out, u64::from(f.status));
-    out.push_str(" size_bytes=");
-    decimal(out, f.size_bytes);
-    out.push_str(" duration_ms=");
-    millis(out, f.duration_us);
-    out.push_str(" cache.result=");
-    text_value(out, f.cache_result);
-    out.push_str(" client.addr=");
-    address(out, f.client);
+    if json {
+        out.push_str("},\"target\":");
+        json_string(&mut out, target, false);
+        out.push('}');
+    }
     out.push('\n');
-}
-
-/// `{"timestamp":…,"level":"INFO","fields":{"message":"request",…},"target":…}`
-fn json(out: &mut String, at: SystemTime, target: &str, f: &Fields<'_>) {
-    out.push_str("{\"timestamp\":\"");
-    timestamp(out, at);
-    out.push_str("\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"upstream\":");
-    json_string(out, f.upstream, false);
-    out.push_str(",\"http.method\":");
-    json_string(out, f.method, false);
-    out.push_str(",\"http.path\":");
-    json_string(out, f.path, f.path_cut);
-    out.push_str(",\"http.status\":");
-    decimal(out, u64::from(f.status));
-    out.push_str(",\"size_bytes\":");
-    decimal(out, f.size_bytes);
-    out.push_str(",\"duration_ms\":");
-    millis(out, f.duration_us);
-    out.push_str(",\"cache.result\":");
-    json_string(out, f.cache_result, false);
-    out.push_str(",\"client.addr\":\"");
-    address(out, f.client);
-    out.push_str("\"},\"target\":");
-    json_string(out, target, false);
-    out.push_str("}\n");
+    out.into_bytes()
 }
 
 /// A value as the text format writes it, with the control characters a terminal acts on
@@ -197,17 +215,8 @@ fn address(out: &mut String, client: Option<SocketAddr>) {
 fn timestamp(out: &mut String, at: SystemTime) {
     let since = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = crate::civil::civil_from_days(secs.div_euclid(86_400));
+    let rem = secs.rem_euclid(86_400);
     // Years before 1970 or after 9999 do not occur; the casts cannot lose anything.
     padded(out, year as u64, 4);
     out.push('-');
