@@ -218,17 +218,30 @@ async fn json_lines_carry_every_field() {
 
 #[tokio::test]
 async fn the_switch_turns_the_access_log_off() {
-    let (upstream, image, dir) = setup("access-off").await;
-    let data = dir.path().join("data");
-    let mut server = Regcache::start(dir.path(), "off", |port| {
-        config(
-            port,
-            &data,
-            &upstream.url(),
-            "level = \"info\"\nformat = \"json\"\naccess = false",
-        )
-    })
+    no_access_lines_with(
+        "access-off",
+        "level = \"info\"\nformat = \"json\"\naccess = false",
+    )
     .await;
+}
+
+#[tokio::test]
+async fn the_log_level_filters_the_access_log_like_any_other_target() {
+    // The lines are written without `tracing`'s formatter; the filter still decides.
+    no_access_lines_with(
+        "access-filtered",
+        "level = \"info,regcache::access=warn\"\nformat = \"json\"",
+    )
+    .await;
+}
+
+/// Runs the traffic with `log` as the `[log]` section, and checks that info lines are
+/// written but no access line is.
+async fn no_access_lines_with(seed: &str, log: &str) {
+    let (upstream, image, dir) = setup(seed).await;
+    let data = dir.path().join("data");
+    let mut server =
+        Regcache::start(dir.path(), seed, |port| config(port, &data, &upstream.url(), log)).await;
     traffic(&server.base, &image).await;
     // Requests are answered in order on fresh connections; the last one's answer came,
     // so any line it would have written is there (written before its body ended).
