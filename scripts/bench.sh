@@ -29,6 +29,8 @@
 # (default 10); BENCH_COLD_ROUNDS (default 7) single cold GETs per server;
 # BENCH_OBS_ROUNDS (default 5) alternating wrk runs of BENCH_OBS_SECS
 # (default 4) per instrumentation setting (on a busy machine, many short runs: 15 x 3);
+# BENCH_OBS_BLOB_ROUNDS (default 12) interleaved rounds of warm blob GETs for the same
+# comparison (a 64 MiB GET takes ~16 ms: single rounds swing by 10%);
 # BENCH_SKIP_BUILD=1 uses the existing target/release/regcache.
 set -euo pipefail
 
@@ -41,6 +43,8 @@ WARM_PER_ROUND=${BENCH_WARM_PER_ROUND:-5}
 WARM_RUNS=$((WARM_ROUNDS * WARM_PER_ROUND))
 WRK_SECS=${BENCH_WRK_SECS:-10}
 OBS_ROUNDS=${BENCH_OBS_ROUNDS:-5}
+OBS_BLOB_ROUNDS=${BENCH_OBS_BLOB_ROUNDS:-12}
+OBS_BLOB_RUNS=$((OBS_BLOB_ROUNDS * WARM_PER_ROUND))
 OBS_SECS=${BENCH_OBS_SECS:-4}
 COLD_CLIENTS=20
 COLD_ROUNDS=${BENCH_COLD_ROUNDS:-7}
@@ -531,10 +535,10 @@ RC_PORT=$RC_MAIN_PORT RC_PID=$RC_MAIN_PID RC_LOG=$RC_MAIN_LOG
 log "bare regcache (metrics and access log off) on ${BARE_URL##*:} (pid $BARE_PID)"
 curl -fsS --max-time 180 -o /dev/null "$BARE_URL/v2/bench/big/blobs/$BIG_DIGEST" || die "bare: cold blob GET"
 check_manifest bare "$BARE_URL"
-log "instrumentation: $WARM_ROUNDS interleaved warm blob rounds, with and without"
+log "instrumentation: $OBS_BLOB_ROUNDS interleaved warm blob rounds, with and without"
 rm -f "$WORK/warm-regcache.txt" "$WORK/warm-bare.txt"
 regcache_TICKS=0 bare_TICKS=0
-for ((round = 1; round <= WARM_ROUNDS; round++)); do
+for ((round = 1; round <= OBS_BLOB_ROUNDS; round++)); do
   warm_round regcache "$RC_URL/v2/bench/big/blobs/$BIG_DIGEST" "$RC_PID"
   warm_round bare "$BARE_URL/v2/bench/big/blobs/$BIG_DIGEST" "$BARE_PID"
 done
@@ -643,7 +647,7 @@ OBS_CPU_RATIO=$(ratio3 "$OBS_BARE_US" "$OBS_WITH_US")
 echo
 echo "metrics + access log (on: as above) against both off (bare), same run; target: on >= 0.95x off"
 printf '%-44s %10s %10s %10s %8s %8s %6s\n' "metric" "on" "off" "" "ratio" "target" "result"
-printf '%-44s %10s %10s %10s %8s %8s %6s\n' "warm blob GET 64 MiB, MB/s (median of $WARM_RUNS)" \
+printf '%-44s %10s %10s %10s %8s %8s %6s\n' "warm blob GET 64 MiB, MB/s (median of $OBS_BLOB_RUNS)" \
   "$OBS_WITH_WARM_MBPS" "$OBS_BARE_WARM_MBPS" "" "${OBS_WARM_RATIO}x" ">=0.95x" "$(verdict "$OBS_WARM_RATIO >= 0.95")"
 printf '%-44s %10s %10s %10s %8s %8s %6s\n' "warm tag manifest GETs/s (median of ${OBS_ROUNDS}x${OBS_SECS}s)" \
   "$OBS_WITH_RPS" "$OBS_BARE_RPS" "" "${OBS_MF_RATIO}x" ">=0.95x" "$(verdict "$OBS_MF_RATIO >= 0.95")"

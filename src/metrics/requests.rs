@@ -30,14 +30,19 @@ impl Kind {
     /// The kind of a `/v2/` path, read from the right as the distribution grammar is
     /// (repository names may contain `manifests`); `None` for anything else.
     pub(crate) fn of_path(path: &str) -> Option<Kind> {
-        let rest = path.strip_prefix("/v2/")?;
-        let mut segments = rest.rsplit('/');
-        let (last, parent) = (segments.next()?, segments.next()?);
+        let rest = path.strip_prefix("/v2/")?.as_bytes();
+        // Bytes, not chars: this runs on every request.
+        let slash = rest.iter().rposition(|b| *b == b'/')?;
+        let last = &rest[slash + 1..];
+        let parent = &rest[rest[..slash]
+            .iter()
+            .rposition(|b| *b == b'/')
+            .map_or(0, |i| i + 1)..slash];
         match (parent, last) {
-            ("manifests", _) => Some(Kind::Manifest),
-            ("blobs", _) => Some(Kind::Blob),
-            ("tags", "list") => Some(Kind::Tags),
-            ("referrers", _) => Some(Kind::Referrers),
+            (b"manifests", _) => Some(Kind::Manifest),
+            (b"blobs", _) => Some(Kind::Blob),
+            (b"tags", b"list") => Some(Kind::Tags),
+            (b"referrers", _) => Some(Kind::Referrers),
             _ => None,
         }
     }
