@@ -13,7 +13,9 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::hash::Hash;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 
 type Flight<T> = Shared<BoxFuture<'static, Result<T, CacheError>>>;
 
@@ -37,7 +39,7 @@ impl<K, T: Clone> std::fmt::Debug for SingleFlight<K, T> {
 
 impl<K, T> SingleFlight<K, T>
 where
-    K: Eq + Hash + Clone + Debug + Send + 'static,
+    K: Eq + Hash + Clone + Debug + Send + Unpin + 'static,
     T: Clone + Send + Sync + 'static,
 {
     /// Runs `make()` unless a flight for `key` is under way, and returns its result.
@@ -61,12 +63,13 @@ where
                 }
             }
         };
-        let waiter = Waiter {
+        Waiter {
             flights: &self.flights,
             key,
+            awaited: Some(flight.clone()),
             flight,
-        };
-        waiter.flight.clone().await
+        }
+        .await
     }
 
     #[cfg(test)]
@@ -90,11 +93,28 @@ where
 struct Waiter<'a, K: Eq + Hash, T: Clone> {
     flights: &'a Mutex<HashMap<K, Flight<T>>>,
     key: K,
+    /// The copy this caller polls (a finished `Shared` lets go of the flight).
+    awaited: Option<Flight<T>>,
+    /// The copy that identifies the flight in the map.
     flight: Flight<T>,
+}
+
+impl<K: Eq + Hash + Unpin, T: Clone> Future for Waiter<'_, K, T> {
+    type Output = Result<T, CacheError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.awaited.as_mut() {
+            Some(awaited) => Pin::new(awaited).poll(cx),
+            // Not reached: polled again after its output.
+            None => Poll::Pending,
+        }
+    }
 }
 
 impl<K: Eq + Hash, T: Clone> Drop for Waiter<'_, K, T> {
     fn drop(&mut self) {
+        // This caller's polled copy first, so that the count below is of the others.
+        self.awaited = None;
         let mut flights = super::lock(self.flights);
         if !flights.get(&self.key).is_some_and(|f| f.ptr_eq(&self.flight)) {
             return;
