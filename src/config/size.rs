@@ -15,6 +15,23 @@ impl ByteSize {
     pub const fn from_bytes(n: u64) -> Self {
         Self(n)
     }
+
+    /// The size for people, one decimal: `1536` → `1.5 KiB` (not a config value: use
+    /// `Display` for that). What the CLI's tables and the status page show.
+    pub fn approx(self) -> String {
+        const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+        let mut v = self.0 as f64;
+        let mut unit = 0;
+        while v >= 1024.0 && unit + 1 < UNITS.len() {
+            v /= 1024.0;
+            unit += 1;
+        }
+        if unit == 0 {
+            format!("{} B", self.0)
+        } else {
+            format!("{v:.1} {}", UNITS[unit])
+        }
+    }
 }
 
 impl FromStr for ByteSize {
@@ -81,5 +98,9 @@ mod tests {
         assert!("lots".parse::<ByteSize>().is_err());
         assert!("5 parsecs".parse::<ByteSize>().is_err());
         assert_eq!(ByteSize(50 << 30).to_string(), "50GiB");
+        assert_eq!(ByteSize(512).approx(), "512 B");
+        assert_eq!(ByteSize(1536).approx(), "1.5 KiB");
+        assert_eq!(ByteSize(3 << 19).approx(), "1.5 MiB");
+        assert_eq!(ByteSize(5 << 50).approx(), "5.0 PiB");
     }
 }

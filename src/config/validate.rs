@@ -80,22 +80,40 @@ fn validate_prefetch(config: &mut Config) -> Result<(), ConfigError> {
 
 fn validate_admin(config: &mut Config) -> Result<(), ConfigError> {
     let a = &mut config.admin;
-    if let Some(listen) = &a.listen {
-        listen
-            .parse::<SocketAddr>()
-            .map_err(|e| invalid("admin.listen", format!("{listen:?} is not host:port ({e})")))?;
+    validate_listen("admin", a.listen.as_deref())?;
+    validate_token("admin", &mut a.token, a.token_file.as_deref())
+}
+
+/// `<section>.listen`, when set, is host:port.
+fn validate_listen(section: &str, listen: Option<&str>) -> Result<(), ConfigError> {
+    if let Some(listen) = listen {
+        listen.parse::<SocketAddr>().map_err(|e| {
+            invalid(
+                format!("{section}.listen"),
+                format!("{listen:?} is not host:port ({e})"),
+            )
+        })?;
     }
-    if a.token.is_some() && a.token_file.is_some() {
+    Ok(())
+}
+
+/// `<section>.token` or `<section>.token_file` (read into `token`), not both; at least
+/// 16 characters, which no one guesses online.
+fn validate_token(section: &str, token: &mut Option<Secret>, file: Option<&Path>) -> Result<(), ConfigError> {
+    if token.is_some() && file.is_some() {
         return Err(invalid(
-            "admin.token_file",
+            format!("{section}.token_file"),
             "set either token or token_file, not both",
         ));
     }
-    if let Some(path) = &a.token_file {
-        a.token = Some(read_secret("admin.token_file", path)?);
+    if let Some(path) = file {
+        *token = Some(read_secret(&format!("{section}.token_file"), path)?);
     }
-    if a.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
-        return Err(invalid("admin.token", "must be at least 16 characters"));
+    if token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+        return Err(invalid(
+            format!("{section}.token"),
+            "must be at least 16 characters",
+        ));
     }
     Ok(())
 }
@@ -464,10 +482,8 @@ fn check_upstream_url(key: &str, raw: &str) -> Result<(), ConfigError> {
 
 fn validate_metrics(config: &mut Config) -> Result<(), ConfigError> {
     let m = &mut config.metrics;
+    validate_listen("metrics", m.listen.as_deref())?;
     if let Some(listen) = &m.listen {
-        listen
-            .parse::<SocketAddr>()
-            .map_err(|e| invalid("metrics.listen", format!("{listen:?} is not host:port ({e})")))?;
         if *listen == config.server.listen || Some(listen) == config.admin.listen.as_ref() {
             return Err(invalid(
                 "metrics.listen",
@@ -475,19 +491,7 @@ fn validate_metrics(config: &mut Config) -> Result<(), ConfigError> {
             ));
         }
     }
-    if m.token.is_some() && m.token_file.is_some() {
-        return Err(invalid(
-            "metrics.token_file",
-            "set either token or token_file, not both",
-        ));
-    }
-    if let Some(path) = &m.token_file {
-        m.token = Some(read_secret("metrics.token_file", path)?);
-    }
-    if m.token.as_ref().is_some_and(|t| t.expose().len() < 16) {
-        return Err(invalid("metrics.token", "must be at least 16 characters"));
-    }
-    Ok(())
+    validate_token("metrics", &mut m.token, m.token_file.as_deref())
 }
 
 fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError> {

@@ -286,18 +286,7 @@ fn esc(s: &str) -> String {
 
 /// Bytes in binary units, as `regcache status` prints them.
 fn bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
+    crate::config::ByteSize::from_bytes(n).approx()
 }
 
 fn duration(secs: u64) -> String {
