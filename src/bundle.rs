@@ -14,6 +14,7 @@ mod layout;
 mod link;
 mod plan;
 mod source;
+mod tar_guard;
 
 pub use abandon::abandon_stale_imports;
 pub use digest_list::digest_list_path;

@@ -228,3 +228,36 @@ async fn a_special_file_in_a_layout_directory_is_refused_not_opened() {
         "{err}"
     );
 }
+
+/// A bundle whose GNU long-name entry claims a gigabyte is refused when its header is
+/// read, naming the bundle and the entry's size: the `tar` crate would read such an entry
+/// whole into memory (a crafted bundle could exhaust the importing machine's).
+#[tokio::test]
+async fn a_long_name_entry_claiming_a_gigabyte_is_refused_before_it_is_read() {
+    let upstream = FixtureUpstream::start(FixtureOptions::default()).await;
+    let site = Site::new(&upstream.url(), true, "");
+    let bundle = site.path("crafted.tar");
+    let mut b = tar::Builder::new(Vec::new());
+    let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
+    let mut h = tar::Header::new_gnu();
+    h.set_size(layout.len() as u64);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "oci-layout", layout.as_slice()).unwrap();
+    let mut bytes = b.into_inner().unwrap();
+    bytes.truncate(bytes.len() - 1024);
+    let mut long = tar::Header::new_gnu();
+    long.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+    long.set_entry_type(tar::EntryType::GNULongName);
+    long.set_size(1 << 30);
+    long.set_mode(0o644);
+    long.set_cksum();
+    bytes.extend_from_slice(long.as_bytes());
+    bytes.extend_from_slice(&[b'a'; 4096]);
+    std::fs::write(&bundle, &bytes).unwrap();
+    let err = regcache_fails(&["import", "--config", site.config_arg(), bundle.to_str().unwrap()]).await;
+    assert!(
+        err.contains("crafted.tar") && err.contains("GNU long name entry of 1073741824 bytes"),
+        "{err}"
+    );
+    assert_eq!(count(&site.data_dir(), "SELECT count(*) FROM tags"), 0);
+}

@@ -4,6 +4,7 @@
 //! to the caller as a reader, and the bytes read from disk are counted for progress.
 
 use super::layout::{BLOBS_DIR, INDEX_FILE, OCI_LAYOUT_FILE};
+use super::tar_guard::TarGuard;
 use super::{io_err, BundleError};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
@@ -127,19 +128,19 @@ pub(crate) fn for_each_entry(
         decoder
             .window_log_max(ZSTD_WINDOW_LOG_MAX)
             .map_err(io_err(path))?;
-        let mut archive = tar::Archive::new(decoder);
+        let mut archive = tar::Archive::new(TarGuard::new(decoder));
         let entries = archive.entries().map_err(|e| tar_err(path, "(start)", e))?;
         walk_tar(path, entries, None, visit)
     } else if meta.is_file() {
         // A plain tar in a regular file: entries' bytes can be copied from it directly,
         // and whatever is not read is skipped by seeking.
-        let mut archive = tar::Archive::new(reader);
+        let mut archive = tar::Archive::new(TarGuard::new(reader));
         let entries = archive
             .entries_with_seek()
             .map_err(|e| tar_err(path, "(start)", e))?;
         walk_tar(path, entries, Some(path), visit)
     } else {
-        let mut archive = tar::Archive::new(reader);
+        let mut archive = tar::Archive::new(TarGuard::new(reader));
         let entries = archive.entries().map_err(|e| tar_err(path, "(start)", e))?;
         walk_tar(path, entries, None, visit)
     }
