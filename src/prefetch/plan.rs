@@ -7,7 +7,8 @@ use super::report::Failure;
 use crate::cache::{Cache, CacheError, Target};
 use crate::imagelist::{ImageEntry, Platform};
 use crate::metadata::ManifestRecord;
-use crate::oci::{descriptors, is_index, Descriptor, Reference};
+use crate::oci::{descriptors, is_index, Descriptor, Digest, Reference};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 /// Index levels followed below an image's top manifest: an index of images is one level;
@@ -37,6 +38,9 @@ pub(super) struct Planned {
     pub platforms: Vec<String>,
     pub manifests_fetched: u64,
     pub blobs: Vec<Descriptor>,
+    /// The digests in `blobs`: an index's images share layers, and up to `BLOBS_MAX`
+    /// a scan of the list per blob added was quadratic.
+    seen: HashSet<Digest>,
 }
 
 /// Expands the entries into images. An entry that cannot be routed, whose tag list cannot
@@ -67,7 +71,7 @@ pub(super) async fn expand(cache: &Arc<Cache>, entries: &[ImageEntry]) -> (Vec<U
                     }
                     // The upstream's list has no duplicates; only the explicit tags can
                     // repeat a match (a set: the list may hold 100 000 tags).
-                    let explicit: std::collections::HashSet<_> = tags.iter().cloned().collect();
+                    let explicit: HashSet<_> = tags.iter().cloned().collect();
                     for t in matched {
                         match t.parse() {
                             Ok(tag) if !explicit.contains(&tag) => tags.push(tag),
@@ -124,6 +128,7 @@ pub(super) async fn resolve(cache: &Arc<Cache>, unit: Unit) -> Result<Planned, F
         platforms: Vec::new(),
         manifests_fetched: u64::from(fetched),
         blobs: Vec::new(),
+        seen: HashSet::new(),
         unit: unit.clone(),
     };
     collect(cache, &unit, top, 0, &mut planned).await.map_err(fail)?;
@@ -140,10 +145,11 @@ async fn collect(
     let d = descriptors(&m.body).map_err(|e| format!("manifest {}: {e}", m.digest))?;
     if !is_index(&m.media_type) && d.children.is_empty() {
         for b in d.blobs {
-            if !out.blobs.iter().any(|have| have.digest == b.digest) {
+            if !out.seen.contains(&b.digest) {
                 if out.blobs.len() >= BLOBS_MAX {
                     return Err(format!("names more than {BLOBS_MAX} blobs"));
                 }
+                out.seen.insert(b.digest.clone());
                 out.blobs.push(b);
             }
         }
