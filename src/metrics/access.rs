@@ -197,6 +197,11 @@ impl std::fmt::Display for ClientAddr {
     }
 }
 
+thread_local! {
+    /// Each worker thread renders its access-log lines here: no allocation per line.
+    static LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
+}
+
 /// Counts what is sent and, when dropped (body done or client gone), logs the request.
 #[derive(Debug)]
 struct Finish {
@@ -239,8 +244,11 @@ impl Drop for Finish {
                     cache_result,
                     client: line.client.0,
                 };
-                let text = access_line::render(style, SystemTime::now(), TARGET, &fields);
-                crate::log_writer::queue_line(text);
+                LINE.with_borrow_mut(|line| {
+                    line.clear();
+                    access_line::render_into(line, style, SystemTime::now(), TARGET, &fields);
+                    crate::log_writer::queue_line(line);
+                });
             }
             return;
         }

@@ -54,19 +54,26 @@ impl Fields<'_> {
     }
 }
 
-/// The line for `f` at time `at`, ending in `\n`:
+/// [`render_into`] a new buffer.
+#[cfg(test)]
+pub(super) fn render(style: Style, at: SystemTime, target: &str, f: &Fields<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + f.path.len());
+    render_into(&mut out, style, at, target, f);
+    out
+}
+
+/// Appends the line for `f` at time `at` to `out`, ending in `\n`:
 /// `2024-06-01T00:00:00.000000Z  INFO target: request upstream=… client.addr=…` or
 /// `{"timestamp":…,"level":"INFO","fields":{"message":"request",…},"target":…}`.
 /// Written as bytes: every piece is ASCII or copied whole from a `str`.
-pub(super) fn render(style: Style, at: SystemTime, target: &str, f: &Fields<'_>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + f.path.len());
+pub(super) fn render_into(out: &mut Vec<u8>, style: Style, at: SystemTime, target: &str, f: &Fields<'_>) {
     let json = style == Style::Json;
     if json {
         out.extend_from_slice(b"{\"timestamp\":\"");
-        timestamp(&mut out, at);
+        timestamp(out, at);
         out.extend_from_slice(b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\"");
     } else {
-        timestamp(&mut out, at);
+        timestamp(out, at);
         out.extend_from_slice(b"  INFO ");
         out.extend_from_slice(target.as_bytes());
         out.extend_from_slice(b": request");
@@ -82,30 +89,29 @@ pub(super) fn render(style: Style, at: SystemTime, target: &str, f: &Fields<'_>)
             out.push(b'=');
         }
         match value {
-            Value::Str(v, cut) if json => json_string(&mut out, v, cut),
+            Value::Str(v, cut) if json => json_string(out, v, cut),
             Value::Str(v, cut) => {
-                text_value(&mut out, v);
+                text_value(out, v);
                 if cut {
                     out.extend_from_slice(CUT.as_bytes());
                 }
             }
-            Value::Num(n) => decimal(&mut out, n),
-            Value::Millis(us) => millis(&mut out, us),
+            Value::Num(n) => decimal(out, n),
+            Value::Millis(us) => millis(out, us),
             Value::Addr(a) if json => {
                 out.push(b'"');
-                address(&mut out, a);
+                address(out, a);
                 out.push(b'"');
             }
-            Value::Addr(a) => address(&mut out, a),
+            Value::Addr(a) => address(out, a),
         }
     }
     if json {
         out.extend_from_slice(b"},\"target\":");
-        json_string(&mut out, target, false);
+        json_string(out, target, false);
         out.push(b'}');
     }
     out.push(b'\n');
-    out
 }
 
 /// What marks a cut value.
