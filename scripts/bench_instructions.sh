@@ -131,5 +131,5 @@ for name in "${SETTINGS[@]}"; do
   printf '%-36s %12s %8s\n' "$name" "${PER[$name]}" \
     "$(python3 -c "print('%+.1f%%' % ((${PER[$name]} / ${PER[bare]} - 1) * 100))")"
 done
-echo "(kernel work — the sockets, the SQLite reader's wake-ups — is not counted: about half of"
-echo " a warm GET's CPU time, so the share of the whole request is roughly half of these.)"
+echo "(user space only: the kernel's work — sockets, thread wake-ups, the log file's writes —"
+echo " is not counted; scripts/bench.sh measures the whole process's CPU per GET.)"
