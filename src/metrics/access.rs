@@ -26,7 +26,8 @@ pub(crate) const TARGET: &str = "regcache::access";
 
 /// The layer: [`Observe`] around every route. A `tower` layer of its own rather than
 /// `axum::middleware::from_fn`, which clones and boxes the inner service per request:
-/// measured with callgrind, that was half of what the instrumentation cost a warm request.
+/// measured with callgrind, that was about a quarter of what metrics alone cost a warm
+/// request (~2 000 of ~8 000 instructions).
 #[derive(Debug, Clone)]
 pub(super) struct ObserveLayer(pub(super) Observer);
 
