@@ -10,7 +10,7 @@ mod common;
 use common::app::{error_code, TestApp};
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::{Image, ACCEPT_ALL_MANIFESTS};
-use common::logins::{replace_file, IdentityFiles};
+use common::logins::{replace_file, rule, IdentityFiles};
 use common::wait_until_async;
 use regcache::config::{AuthRule, Config};
 use reqwest::header::{ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
@@ -18,15 +18,6 @@ use reqwest::Method;
 use std::time::{Duration, Instant};
 
 const CI_TOKEN: &str = "ci-token-0123456789abcdef";
-
-fn rule(identities: &[&str], pull: &[&str], admin: bool) -> AuthRule {
-    AuthRule {
-        identities: identities.iter().map(|s| (*s).to_owned()).collect(),
-        pull: pull.iter().map(|s| (*s).to_owned()).collect(),
-        admin,
-        ..AuthRule::default()
-    }
-}
 
 fn anonymous(pull: &[&str]) -> AuthRule {
     AuthRule {

@@ -12,22 +12,13 @@ use common::containerd::{write_hosts_toml_with, Containerd};
 use common::external::{push_image, skopeo, DockerRegistry};
 use common::fixture_upstream::{FixtureOptions, FixtureUpstream};
 use common::images::{assert_layout_has, Image, ACCEPT_ALL_MANIFESTS};
-use common::logins::IdentityFiles;
+use common::logins::{rule, IdentityFiles};
 use common::tls::{client, Ca, Issued};
-use regcache::config::{AuthRule, CertIdentity, ClientAuth, Config, TlsConfig};
+use regcache::config::{CertIdentity, ClientAuth, Config, TlsConfig};
 use reqwest::header::{ACCEPT, AUTHORIZATION};
 use std::path::Path;
 
 const TOKEN: &str = "ci-runner-token-0123456789";
-
-fn rule(identities: &[&str], pull: &[&str], admin: bool) -> AuthRule {
-    AuthRule {
-        identities: identities.iter().map(|s| (*s).to_owned()).collect(),
-        pull: pull.iter().map(|s| (*s).to_owned()).collect(),
-        admin,
-        ..AuthRule::default()
-    }
-}
 
 /// The server certificate from `ca` and, with `clients`, client certificates from that CA
 /// (`client_auth` optional, so a client without one reaches the authorization).

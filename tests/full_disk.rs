@@ -91,20 +91,8 @@ async fn a_disk_filling_up_mid_transfer_passes_the_blob_through_to_every_waiting
         .map(|resp| tokio::spawn(ok_bytes(resp)))
         .collect();
     let ranged = tokio::spawn(ok_bytes(ranged));
-    let part = |app: &TestApp| {
-        std::fs::read_dir(app.data_dir().join("tmp"))
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .max()
-            })
-            .ok()
-            .flatten()
-            .unwrap_or(0)
-    };
     wait_until_async("the transfer is writing its temporary file", DEADLINE, || async {
-        part(&app) >= MIB as u64
+        app.largest_tmp_file() >= MIB as u64
     })
     .await;
     disk.fill("filler");

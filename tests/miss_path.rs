@@ -259,20 +259,8 @@ async fn a_client_joining_late_reads_the_start_from_the_file_on_the_same_transfe
     let (first_app, first_path) = (app.clone(), path.clone());
     let first = tokio::spawn(async move { ok_bytes(first_app.get(&first_path).await).await });
     // Past the 8 MiB kept in memory: the start of the blob is only in the file now.
-    let part = |app: &TestApp| {
-        std::fs::read_dir(app.data_dir().join("tmp"))
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .max()
-            })
-            .ok()
-            .flatten()
-            .unwrap_or(0)
-    };
     wait_until_async("over 9 MiB are written", DEADLINE, || async {
-        part(&app) >= 9 << 20
+        app.largest_tmp_file() >= 9 << 20
     })
     .await;
     let late = app.get(&path).await;

@@ -169,6 +169,20 @@ impl TestApp {
     pub fn tmp_files(&self) -> usize {
         std::fs::read_dir(self.data_dir().join("tmp")).map_or(0, |d| d.count())
     }
+
+    /// The size of the largest file in the temporary download directory (0 when none):
+    /// how far a transfer has written.
+    pub fn largest_tmp_file(&self) -> u64 {
+        std::fs::read_dir(self.data_dir().join("tmp"))
+            .ok()
+            .and_then(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .max()
+            })
+            .unwrap_or(0)
+    }
 }
 
 /// The body of a successful response, or a panic naming the status and error body.

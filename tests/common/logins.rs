@@ -3,6 +3,7 @@
 //! file is replaced by writing a new one beside it and renaming it over the old, as
 //! editors, `htpasswd` itself and Kubernetes secret updates do.
 
+use regcache::config::AuthRule;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -67,5 +68,15 @@ impl IdentityFiles {
     pub fn set_tokens(&self, tokens: &[(&str, &str)]) {
         let text: String = tokens.iter().map(|(i, t)| format!("{i}:{t}\n")).collect();
         replace_file(&self.tokens, &text);
+    }
+}
+
+/// An `[[auth.rule]]` giving `identities` pull on the `pull` globs, and admin if `admin`.
+pub fn rule(identities: &[&str], pull: &[&str], admin: bool) -> AuthRule {
+    AuthRule {
+        identities: identities.iter().map(|s| (*s).to_owned()).collect(),
+        pull: pull.iter().map(|s| (*s).to_owned()).collect(),
+        admin,
+        ..AuthRule::default()
     }
 }
